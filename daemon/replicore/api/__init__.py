@@ -1,0 +1,16 @@
+"""The replicationcomms endpoints, one module per area of the seed list.
+
+A module's routes are named after the URL they serve (see docs/api.md for the map); each
+route declares its access level (`auth`) before it parses a body, then calls the store.
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint
+
+from . import discovery, pairing
+
+BLUEPRINTS: list[Blueprint] = [
+    discovery.bp,
+    pairing.bp,
+]

@@ -1,0 +1,136 @@
+"""Who is calling: the access level every route declares, checked before its body is read.
+
+Levels (each route is decorated with exactly one):
+- `anonymous`: anyone over TLS.
+- `known_source`: a client certificate the target has on record in a trusted state
+  (unconfirmed, pending, approved, denied); 401 without one.
+- `paired_source`: a certificate whose pairing is approved; 401 without a certificate or with
+  one not on record, 403 naming the state otherwise. The core row is in `g.core`.
+- `admin`: HTTP Basic credentials of an administrator account; 401 otherwise.
+Failed administrator logins are rate limited per client address (429).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+from quart import g, request
+
+from . import runtime
+from .errors import Forbidden, TooManyRequests, Unauthorized
+from .store import admins, cores
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Handler = Callable[P, Awaitable[R]]
+
+ACCESS_ATTRIBUTE = "replicore_access"
+FAILED_LOGINS_PER_WINDOW = 10
+FAILED_LOGIN_WINDOW = 300.0
+
+
+def client_fingerprint() -> str | None:
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    return tls.get("client_cert_fingerprint")
+
+
+def client_address() -> str:
+    client = request.scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _declare(level: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    def decorator(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        check = _CHECKS[level]
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            await check()
+            return await fn(*args, **kwargs)
+
+        setattr(wrapper, ACCESS_ATTRIBUTE, level)
+        return wrapper
+
+    return decorator
+
+
+async def _anonymous() -> None:
+    g.core = None
+
+
+async def _known_source() -> dict[str, Any]:
+    fingerprint = client_fingerprint()
+    if fingerprint is None:
+        raise Unauthorized("a client certificate is required for this operation")
+    core = await runtime.current().db.read(cores.by_fingerprint, fingerprint)
+    if core is None or core["state"] not in cores.TRUSTED_STATES:
+        raise Unauthorized("this client certificate is not known to this core")
+    g.core = core
+    return core
+
+
+async def _paired_source() -> None:
+    core = await _known_source()
+    if core["state"] != "approved":
+        raise Forbidden(
+            f"the pairing of this certificate is {core['state']}, not approved",
+            state=core["state"],
+        )
+
+
+def basic_credentials() -> tuple[str, str] | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+async def check_admin() -> str:
+    """The administrator's name, or Unauthorized / TooManyRequests."""
+    rt = runtime.current()
+    limiter = rt.limiter("admin-login", FAILED_LOGINS_PER_WINDOW, FAILED_LOGIN_WINDOW)
+    address = client_address()
+    credentials = basic_credentials()
+    if credentials is None:
+        raise Unauthorized(
+            "administrator credentials are required (HTTP Basic)",
+            www_authenticate='Basic realm="replicore"',
+        )
+    if limiter.blocked(address):
+        raise TooManyRequests(
+            "too many failed administrator logins from this address",
+            retry_after=limiter.retry_after(address),
+        )
+    user, password = credentials
+    if not await rt.db.read(admins.check, user, password):
+        limiter.record(address)
+        raise Unauthorized(
+            "bad administrator credentials", www_authenticate='Basic realm="replicore"'
+        )
+    return user
+
+
+async def _admin() -> None:
+    g.admin = await check_admin()
+
+
+_CHECKS: dict[str, Callable[[], Awaitable[Any]]] = {
+    "anonymous": _anonymous,
+    "known_source": _known_source,
+    "paired_source": _paired_source,
+    "admin": _admin,
+}
+
+anonymous = _declare("anonymous")
+known_source = _declare("known_source")
+paired_source = _declare("paired_source")
+admin = _declare("admin")

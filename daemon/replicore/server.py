@@ -1,0 +1,157 @@
+"""Hypercorn on trio with TLS: the listening sockets, the live trust store, the peer certificate.
+
+Hypercorn does not put the TLS peer certificate into the ASGI scope. `PeerCertTCPServer`
+finishes the handshake itself, reads the client certificate, and hands every request of that
+connection a scope with `extensions["tls"]` holding `client_cert_chain` (PEM, as the ASGI TLS
+extension names it) and `client_cert_fingerprint` (SHA-256 hex). `serve()` replaces
+`hypercorn.trio.serve` so that our TCP server and our SSL context are used; it touches
+Hypercorn internals, hence the pinned version range in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from .certs import fingerprint_der
+
+log = logging.getLogger("replicore.server")
+
+
+class TrustStore:
+    """The server SSL context and the client certificates it trusts, changeable while live.
+
+    Adding a certificate affects the next handshake. Certificates cannot be removed from a
+    live OpenSSL store: a removed (unpaired) certificate is refused by the application, by
+    fingerprint, and disappears from the store at the next start."""
+
+    def __init__(self, cert_path: Path, key_path: Path) -> None:
+        self.cert_path, self.key_path = cert_path, key_path
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.options |= ssl.OP_NO_COMPRESSION
+        self.context.set_alpn_protocols(["http/1.1"])
+        self.context.load_cert_chain(str(cert_path), str(key_path))
+        self.context.verify_mode = ssl.CERT_OPTIONAL
+        self._known: set[str] = set()
+
+    def add(self, pem: str) -> None:
+        if pem in self._known:
+            return
+        self.context.load_verify_locations(cadata=pem)
+        self._known.add(pem)
+
+    def reload_certificate(self) -> None:
+        """Re-read the server certificate and key (for SIGHUP); new handshakes use them."""
+        self.context.load_cert_chain(str(self.cert_path), str(self.key_path))
+
+
+class _ScopeWithPeer:
+    """Wraps Hypercorn's app wrapper, adding the connection's peer certificate to each scope."""
+
+    def __init__(self, app: Any, tls: dict[str, Any]) -> None:
+        self.app, self.tls = app, tls
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            extensions = dict(scope.get("extensions") or {})
+            extensions["tls"] = self.tls
+            scope = {**scope, "extensions": extensions}
+        await self.app(scope, receive, send, *args)
+
+
+def peer_tls_info(der: bytes | None) -> dict[str, Any]:
+    if not der:
+        return {"client_cert_chain": [], "client_cert_fingerprint": None}
+    return {
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+        "client_cert_fingerprint": fingerprint_der(der),
+    }
+
+
+class PeerCertTCPServer(TCPServer):
+    async def run(self) -> None:
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                await stream.aclose()
+                return
+            der = stream.getpeercert(binary_form=True)
+            self.app = _ScopeWithPeer(self.app, peer_tls_info(der))
+        await super().run()  # its own do_handshake() returns at once now
+
+
+def hypercorn_config(host: str, port: int, shutdown_timeout: float) -> HypercornConfig:
+    """Hypercorn's config built from values we checked ourselves (its TOML loader accepts
+    unknown keys silently, so we never use it)."""
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = shutdown_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024
+    return config
+
+
+async def serve(
+    app: Any,
+    config: HypercornConfig,
+    trust: TrustStore,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` over TLS until shutdown_trigger returns; reports the bound addresses."""
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            listeners = []
+            bound: list[tuple[str, int]] = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(
+                    trio.SSLListener(
+                        trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                        trust.context,
+                        https_compatible=True,
+                    )
+                )
+                bound.append(sock.getsockname()[:2])
+            task_status.started(bound)
+            handler = partial(
+                PeerCertTCPServer, wrapped, config, context, ConnectionState(lifespan_state)
+            )
+            async with trio.open_nursery() as nursery:
+                serve_listeners = partial(
+                    trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                )
+                nursery.start_soon(serve_listeners)
+                await shutdown_trigger()
+                nursery.cancel_scope.cancel()
+            await context.terminated.set()
+            server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
