@@ -68,12 +68,30 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    #: Seconds a mirrored job may go without a sync from its source before it is marked failed.
+    sync_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class UploadsConfig:
+    #: Largest file one upload session may carry, in bytes.
+    max_file_bytes: int = 256 * 1024 * 1024
+    #: Upload sessions one source may have open at once.
+    max_open_sessions: int = 4
+    #: Seconds an upload session may stay without a chunk before it is discarded.
+    session_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     recycle_bin: RecycleBinConfig = field(default_factory=RecycleBinConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
     #: The file this config was read from, or None for the embedded defaults.
     source: Path | None = None
 
@@ -92,6 +110,8 @@ _SECTIONS: dict[str, type] = {
     "replication": ReplicationConfig,
     "recycle_bin": RecycleBinConfig,
     "log": LogConfig,
+    "jobs": JobsConfig,
+    "uploads": UploadsConfig,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -224,3 +244,15 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}log.level: must be one of {', '.join(_LOG_LEVELS)}")
     if not 1 <= config.replication.compression_level <= 19:
         raise ConfigError(f"{where}replication.compression_level: must be 1..19")
+    for label, seconds in (
+        ("jobs.sync_timeout", config.jobs.sync_timeout),
+        ("uploads.session_timeout", config.uploads.session_timeout),
+    ):
+        if seconds <= 0:
+            raise ConfigError(f"{where}{label}: must be more than 0")
+    for label, count in (
+        ("uploads.max_file_bytes", config.uploads.max_file_bytes),
+        ("uploads.max_open_sessions", config.uploads.max_open_sessions),
+    ):
+        if count < 1:
+            raise ConfigError(f"{where}{label}: must be at least 1")
