@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from quart import Blueprint
 
-from . import discovery, pairing
+from . import agents, cores, discovery, pairing, repositories
 
 BLUEPRINTS: list[Blueprint] = [
     discovery.bp,
     pairing.bp,
+    cores.bp,
+    repositories.bp,
+    agents.bp,
 ]

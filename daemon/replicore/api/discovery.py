@@ -1,7 +1,9 @@
-"""Anonymous discovery: `slave/validate/`, `slave/cores/noPairingSummaryInfo`.
+"""Anonymous discovery: `slave/validate/`, `slave/cores/noPairingSummaryInfo`,
+`slave/replication/verifyStart/`.
 
-What a source may learn before pairing: this core's id, name and API version, and whether
-administrator credentials are good.
+What a source may learn before pairing: this core's id, name and API version, whether
+administrator credentials are good, and whether it could pair now (the checks themselves
+live with the pairing bodies in `pairing`).
 """
 
 from __future__ import annotations
@@ -61,3 +63,14 @@ def summary() -> dict[str, Any]:
 async def no_pairing_summary_info() -> dict[str, Any]:
     """Anonymous: who this core is, before any pairing."""
     return summary()
+
+
+@bp.post("/slave/replication/verifyStart/")
+@bp.post("/slave/replication/verifyStart")
+@auth.anonymous
+async def verify_start() -> dict[str, Any]:
+    """Anonymous: could this source pair now (by request; by demand with useCredentials=true,
+    whose Basic credentials are checked), and if not, why. Changes nothing."""
+    from . import pairing  # imported here: pairing imports this module
+
+    return await pairing.pairing_ability(by_demand=parse_bool_arg("useCredentials"))

@@ -74,6 +74,11 @@ class _PairingBody(Struct):
     comments: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
+class VerifyStartBody(Struct):
+    master_core_info: MasterCoreInfo
+    client_certificate: Annotated[str, msgspec.Meta(max_length=16384)] | None = None
+
+
 class RequestBody(_PairingBody):
     agents: Annotated[list[RequestedAgent], msgspec.Meta(max_length=MAX_AGENTS)] = []
 
@@ -167,6 +172,61 @@ def check_accepting_requests() -> None:
 def request_limiter() -> Any:
     rt = runtime.current()
     return rt.limiter("pairing-request", rt.config.pairing.requests_per_hour, REQUEST_WINDOW)
+
+
+async def pairing_ability(*, by_demand: bool) -> dict[str, Any]:
+    """The answer of `slave/replication/verifyStart/`: whether the source in the body could
+    pair now, by request or (by_demand) by demand with the Basic credentials, with reasons."""
+    rt = runtime.current()
+    body = await json_body(VerifyStartBody, BODY_LIMIT)
+    reasons: list[str] = []
+    api_version = body.master_core_info.api_version
+    version_ok = bool(api_version) and api_version_compatible(api_version)
+    if not api_version:
+        reasons.append("masterCoreInfo.apiVersion is missing: say which API version you speak")
+    elif not version_ok:
+        reasons.append(f"this core speaks API version {API_VERSION}, not {api_version}")
+    certificate_ok: bool | None = None
+    if body.client_certificate is not None:
+        try:
+            _, fingerprint = accepted_certificate(body.client_certificate)
+        except Unprocessable as error:
+            certificate_ok = False
+            reasons.append(error.message)
+        else:
+            certificate_ok = True
+            core = await rt.db.read(cores.by_fingerprint, fingerprint)
+            state = None if core is None else core["state"]
+            if not by_demand and state in ("unconfirmed", "pending", "approved"):
+                certificate_ok = False
+                reasons.append(f"this certificate already has a pairing in state {state}")
+    credentials_ok: bool | None = None
+    if by_demand:
+        try:
+            await auth.check_admin()
+            credentials_ok = True
+        except Unauthorized:
+            credentials_ok = False
+            reasons.append("the administrator credentials are not valid")
+    accepting = rt.config.pairing.accept_requests
+    if not by_demand:
+        if not accepting:
+            reasons.append("this core does not accept pairing requests")
+        elif await rt.db.read(cores.open_count) >= rt.config.pairing.max_pending:
+            reasons.append("this core holds too many pairing requests awaiting a decision")
+        elif request_limiter().blocked(auth.client_address()):
+            reasons.append("too many pairing requests from this address; try again later")
+    return {
+        "coreId": rt.core_id,
+        "apiVersion": API_VERSION,
+        "method": "demand" if by_demand else "request",
+        "canPair": not reasons,
+        "reasons": reasons,
+        "versionCompatible": version_ok,
+        "certificateAcceptable": certificate_ok,
+        "credentialsValid": credentials_ok,
+        "requestsAccepted": accepting,
+    }
 
 
 @bp.post("/slave/pairing/request")

@@ -165,3 +165,29 @@ def describe(agent: dict[str, Any], core_paused: bool = False) -> dict[str, Any]
         "repositoryName": agent.get("repository_name") if approved else None,
         "isReplicationPaused": bool(agent["paused"]) or core_paused,
     }
+
+
+def repositories_of(conn: apsw.Connection, core_pk: int) -> list[dict[str, Any]]:
+    """The repositories a core may use: those of its approved agents and its own default one,
+    each with `agents` (the ids of the core's approved agents in it) and `is_default`."""
+    found = rows(
+        conn,
+        "SELECT r.*, (r.id = c.repository_id) AS is_default FROM repositories r"
+        " JOIN master_cores c ON c.id = ?"
+        " WHERE r.id = c.repository_id OR r.id IN"
+        " (SELECT repository_id FROM agents WHERE core_pk = ? AND state = 'approved')"
+        " ORDER BY r.name",
+        (core_pk, core_pk),
+    )
+    for repo in found:
+        repo["is_default"] = bool(repo["is_default"])
+        repo["agents"] = [
+            r["agent_id"]
+            for r in rows(
+                conn,
+                "SELECT agent_id FROM agents WHERE core_pk = ? AND repository_id = ?"
+                " AND state = 'approved' ORDER BY agent_id",
+                (core_pk, repo["id"]),
+            )
+        ]
+    return found
