@@ -65,6 +65,15 @@ class RecycleBinConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    #: "json": one JSON object per line on stderr (for journald); "text": for a terminal.
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Plain-HTTP listener for Prometheus (`GET /metrics`); "" disables it. It shows tenants'
+    #: usage: keep it on loopback or a management network.
+    listen: str = "127.0.0.1:9106"
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,11 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "jobs": JobsConfig,
     "uploads": UploadsConfig,
+    "metrics": MetricsConfig,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("json", "text")
 
 
 def locate(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -242,6 +253,13 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}server.db_readers: must be at least 1")
     if config.log.level not in _LOG_LEVELS:
         raise ConfigError(f"{where}log.level: must be one of {', '.join(_LOG_LEVELS)}")
+    if config.log.format not in _LOG_FORMATS:
+        raise ConfigError(f"{where}log.format: must be one of {', '.join(_LOG_FORMATS)}")
+    if config.metrics.listen:
+        try:
+            parse_listen(config.metrics.listen)
+        except ValueError as error:
+            raise ConfigError(f"{where}metrics.listen: {error} (or \"\" to disable)") from None
     if not 1 <= config.replication.compression_level <= 19:
         raise ConfigError(f"{where}replication.compression_level: must be 1..19")
     for label, seconds in (
