@@ -101,6 +101,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: The file this config was read from, or None for the embedded defaults.
     source: Path | None = None
 
