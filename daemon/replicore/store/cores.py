@@ -56,8 +56,9 @@ CREATE INDEX master_cores_core_id ON master_cores(core_id);
 CREATE INDEX master_cores_state ON master_cores(state);
 """
 
-#: States whose certificate is in the TLS trust store, so the source can reach pairing/sync.
-TRUSTED_STATES = ("unconfirmed", "pending", "approved", "denied")
+#: States whose certificate is in the TLS trust store, so the source can reach pairing/sync
+#: (an unpaired source learns it is unpaired there, and gets 403 on everything else).
+TRUSTED_STATES = ("unconfirmed", "pending", "approved", "denied", "unpaired")
 #: Requests not decided yet; they count against the cap on pending requests.
 OPEN_STATES = ("unconfirmed", "pending")
 
