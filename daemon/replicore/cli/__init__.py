@@ -15,9 +15,9 @@ from .. import __version__
 from ..config import ConfigError
 from ..errors import ApiError
 from ..store.db import NoDatabase
-from . import admin, common, pairing, repository, serve, source
+from . import admin, common, pairing, push, repository, serve, source
 
-MODULES = [serve, repository, admin, pairing, source]
+MODULES = [serve, repository, admin, pairing, source, push]
 
 
 def build_parser() -> argparse.ArgumentParser:
