@@ -3,22 +3,32 @@
 Every error leaves as JSON `{"error", "message", "field"?}`: our `ApiError`s with their own
 status, Werkzeug/Quart HTTP errors (404 route, 405, 413) with theirs, anything else as 500
 without internals.
+
+Around the app, `ObservedApp` gives each request an id (`X-Request-Id`, the client's if it
+sends a sane one), binds the log context (request id, then agent and session ids from the
+route, the caller's core id once authorized), measures latency by route rule until the last
+response byte, and writes one access-log line per request.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 from typing import Any
 
-from quart import Response, jsonify
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import logs, metrics
 from .api import BLUEPRINTS
 from .errors import ApiError
 from .runtime import Runtime
 
 log = logging.getLogger("replicore.app")
+access_log = logging.getLogger("replicore.access")
 
 API_ROOT = "/replicationcomms"
 
@@ -33,6 +43,33 @@ def create_app(runtime: Runtime) -> QuartTrio:
     prefix = runtime.config.server.url_prefix + API_ROOT
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint, url_prefix=prefix)
+
+    rule_prefix = prefix + "/"
+
+    @app.before_request
+    async def bind_request_context() -> None:
+        state = request.scope.get(STATE_KEY)
+        if state is None:
+            return
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        if rule is not None:
+            state["endpoint"] = rule.removeprefix(rule_prefix)
+        view_args = request.view_args or {}
+        for field, name in (("agent_id", "agentId"), ("session_id", "sessionId")):
+            value = view_args.get(name)
+            if value is not None:
+                state[field] = str(value)
+                logs.bind(**{field: str(value)})
+
+    @app.after_request
+    async def note_caller(response: Response) -> Response:
+        state = request.scope.get(STATE_KEY)
+        core = g.get("core")
+        if state is not None and isinstance(core, dict) and core.get("core_id"):
+            state["source_core_id"] = str(core["core_id"])
+        return response
+
+    app.asgi_app = ObservedApp(app.asgi_app)  # type: ignore[method-assign]
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -61,3 +98,88 @@ def _json_error(status: int, body: dict[str, Any]) -> Response:
     response.status_code = status
     response.headers.update(headers)
     return response
+
+
+#: Where the middleware and the Quart hooks share what they know of one request.
+STATE_KEY = "replicore.request"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class ObservedApp:
+    """ASGI middleware: request id, log context, latency metric and access log."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                request_id = candidate if _REQUEST_ID.match(candidate) else ""
+        request_id = request_id or uuid.uuid4().hex[:16]
+        state: dict[str, Any] = {"endpoint": metrics.UNMATCHED}
+        scope = {**scope, STATE_KEY: state}
+        status = 0
+        sent = 0
+        done = False
+        start = time.perf_counter()
+
+        def finish() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            seconds = time.perf_counter() - start
+            metrics.observe_request(state["endpoint"], scope["method"], status, seconds)
+            self._log(scope, state, status, sent, seconds)
+
+        async def observed_send(message: dict[str, Any]) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = list(message.get("headers") or [])
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body") or b"")
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
+
+        logs.bind(request_id=request_id)
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            metrics.REQUESTS_IN_FLIGHT.dec()
+            finish()  # a request cut before its last byte counts with what it had sent
+
+    @staticmethod
+    def _log(scope: Any, state: dict[str, Any], status: int, sent: int, seconds: float) -> None:
+        client = scope.get("client")
+        fields = {
+            k: state.get(k) for k in ("source_core_id", "agent_id", "session_id") if state.get(k)
+        }
+        with logs.bound(**fields):
+            access_log.info(
+                "%s %s %s %.1f ms",
+                scope["method"],
+                scope["path"],
+                status or "cut",
+                seconds * 1000,
+                extra={
+                    "data": {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "endpoint": state["endpoint"],
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "response_bytes": sent,
+                        "client": client[0] if client else "",
+                    }
+                },
+            )

@@ -36,6 +36,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     #: Reader connections to SQLite.
     db_readers: int = 4
+    #: Where `serve` copies the database before a migration changes its schema
+    #: ("" = state_dir/backups). Needs as much free space as the database takes.
+    backup_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ def _check(config: Config, where: str) -> None:
         try:
             parse_listen(config.metrics.listen)
         except ValueError as error:
-            raise ConfigError(f"{where}metrics.listen: {error} (or \"\" to disable)") from None
+            raise ConfigError(f'{where}metrics.listen: {error} (or "" to disable)') from None
     if not 1 <= config.replication.compression_level <= 19:
         raise ConfigError(f"{where}replication.compression_level: must be 1..19")
     for label, seconds in (

@@ -15,9 +15,9 @@ from .. import __version__
 from ..config import ConfigError
 from ..errors import ApiError
 from ..store.db import NoDatabase
-from . import admin, common, pairing, push, repository, serve, source
+from . import admin, backup, common, export, pairing, push, repository, serve, source, status
 
-MODULES = [serve, repository, admin, pairing, source, push]
+MODULES = [serve, repository, admin, pairing, source, push, status, backup, export]
 
 
 def build_parser() -> argparse.ArgumentParser:
