@@ -303,3 +303,16 @@ def test_replication_verify_start_says_whether_a_source_could_pair(server, admin
     with server.client() as client:
         pending = client.post(url, json=good).json()
     assert pending["canPair"] is False and "pending" in pending["reasons"][0]
+
+
+def test_unpaired_source_may_request_again_and_keeps_its_repository(server, admin, make_source):
+    source = make_source("a")
+    first = pair_by_demand(server, source, ["web01"], admin)
+    with server.client(source) as client:
+        assert client.delete("slave/pairing").status_code == 200
+    again = pair_by_request(server, source, ["web01", "web02"])
+    assert again["requestId"] == first["requestId"] and again["wasRequested"] is True
+    repos = {a["agentInfo"]["id"]: a["repositoryName"] for a in again["agents"]}
+    assert repos == {"web01": first["agents"][0]["repositoryName"]} | {
+        "web02": first["agents"][0]["repositoryName"]
+    }

@@ -103,7 +103,11 @@ def request(conn: apsw.Connection, core_pk: int, wanted: list[AgentRequest]) -> 
 
 
 def approve_pending(
-    conn: apsw.Connection, core_pk: int, default_repository: int, per_agent: dict[str, int]
+    conn: apsw.Connection,
+    core_pk: int,
+    default_repository: int,
+    per_agent: dict[str, int],
+    field: str = "agentRepository",
 ) -> None:
     """Approve every pending agent of the core into the repository `per_agent` names for it,
     else the default. Agents approved before keep their repository."""
@@ -116,7 +120,7 @@ def approve_pending(
     unknown = sorted(set(per_agent) - pending)
     if unknown:
         raise Unprocessable(
-            f"agent {unknown[0]!r} is not a pending agent of this request", field="agentRepository"
+            f"agent {unknown[0]!r} is not a pending agent of this request", field=field
         )
     for agent_id in sorted(pending):
         conn.execute(

@@ -260,7 +260,7 @@ def _decide_approved(
             raise Unprocessable(
                 f"no repository named {name!r} (for agent {agent_id!r})", field=field
             ) from None
-    agents.approve_pending(conn, core["id"], default, per_agent)
+    agents.approve_pending(conn, core["id"], default, per_agent, field)
     conn.execute(
         "UPDATE master_cores SET state = 'approved', previous_state = '', reason = '',"
         " repository_id = ?, decided_at = ?, decided_by = ?, unpaired_at = NULL,"
