@@ -260,15 +260,15 @@ class DatabaseCollector(Collector):
         if facts is None:
             return
         used = GaugeMetricFamily(
-            "replicore_repository_used_bytes", "Bytes stored in a repository.", labels=["name"]
+            "replicore_repository_used_bytes", "Bytes stored in a repository.", labels=["repository"]
         )
         free = GaugeMetricFamily(
             "replicore_repository_free_bytes",
             "Bytes a repository can still take: quota left and disk free, the smaller.",
-            labels=["name"],
+            labels=["repository"],
         )
         quota = GaugeMetricFamily(
-            "replicore_repository_quota_bytes", "A repository's quota.", labels=["name"]
+            "replicore_repository_quota_bytes", "A repository's quota.", labels=["repository"]
         )
         for repo in facts.repositories:
             used.add_metric([repo.name], repo.used_bytes)
