@@ -26,7 +26,9 @@ import contextlib
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,6 +48,8 @@ READ_CHUNK = 8 * 1024 * 1024
 #: Key entries of the first batch; later batches double up to LAST_KEYS_BATCH, so sending
 #: starts early and large images still need few requests.
 FIRST_KEYS_BATCH = 512
+#: Threads hashing one chunk (BLAKE3 releases the GIL).
+HASH_THREADS = 2
 LAST_KEYS_BATCH = 16384
 #: Raw bytes of records in one rawdata request (its body is at most this plus headers).
 RECORDS_BATCH_BYTES = 4 * 1024 * 1024
@@ -230,32 +234,52 @@ class _Pipeline:
     # -- stages ------------------------------------------------------------------------
 
     def _hasher(self) -> None:
-        image, bs = self.image, self.image.block_size
+        """Read the image in chunks and hash them: chunk k+1 is read while the hash workers
+        hash chunk k (two buffers), then its entries go to the key batches in index order."""
+        image, bs, size = self.image, self.image.block_size, self.image.size
         image.advise_sequential()
         chunk_blocks = max(1, READ_CHUNK // bs)
-        buffer = memoryview(bytearray(chunk_blocks * bs))
+        buffers = [memoryview(bytearray(chunk_blocks * bs)) for _ in range(2)]
         batch: list[protocol.KeyEntry] = []
         limit = FIRST_KEYS_BATCH
         checksum = self.checksum
-        size = image.size
-        for first in range(0, image.block_count, chunk_blocks):
-            if self.failed.is_set():
-                raise _Abort
-            start = first * bs
-            nbytes = min(chunk_blocks * bs, size - start)
-            view = buffer[:nbytes]
-            image.read_into(view, start)
-            keys = hash_blocks(view, bs)
-            for j, key in enumerate(keys):
-                index = first + j
-                checksum.update(index, key)
-                batch.append(protocol.KeyEntry(index, key, min(bs, size - index * bs)))
-                if len(batch) >= limit:
-                    self._put(self.keys_queue, batch)
-                    batch = []
-                    limit = min(2 * limit, LAST_KEYS_BATCH)
+        pending: deque[tuple[int, int, list[Future[list[bytes]]]]] = deque()
+
+        def take_oldest() -> None:
+            nonlocal batch, limit
+            first, nbytes, futures = pending.popleft()
+            index = first
+            for future in futures:
+                for key in future.result():
+                    checksum.update(index, key)
+                    batch.append(protocol.KeyEntry(index, key, min(bs, size - index * bs)))
+                    index += 1
+                    if len(batch) >= limit:
+                        self._put(self.keys_queue, batch)
+                        batch = []
+                        limit = min(2 * limit, LAST_KEYS_BATCH)
             self.counters.add(bytes_read=nbytes)
             self.stats.add(bytes_read=nbytes)
+
+        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="push-hash") as workers:
+            for n, first in enumerate(range(0, image.block_count, chunk_blocks)):
+                if self.failed.is_set():
+                    raise _Abort
+                start = first * bs
+                nbytes = min(chunk_blocks * bs, size - start)
+                view = buffers[n % 2][:nbytes]
+                image.read_into(view, start)
+                if len(pending) == 1:
+                    take_oldest()  # frees the other buffer before it is read into
+                blocks = -(-nbytes // bs)
+                share = -(-blocks // HASH_THREADS) * bs
+                futures = [
+                    workers.submit(hash_blocks, view[at : at + share], bs)
+                    for at in range(0, nbytes, share)
+                ]
+                pending.append((first, nbytes, futures))
+            while pending:
+                take_oldest()
         self.key_count = image.block_count
         if batch:
             self._put(self.keys_queue, batch)
@@ -306,11 +330,12 @@ class _Pipeline:
     def _sender(self) -> None:
         path = f"{self.path}/records/rawdata"
         volume = self.stats.driver_volume_id
+        buffer: bytearray | None = None
         while True:
             item = self._get(self.send_queue)
             if item is None:
                 return
-            _, views = self.image.read_blocks([e.index for e in item])
+            buffer, views = self.image.read_blocks([e.index for e in item], buffer)
             parts = [protocol.encode_records_header(len(item))]
             payload_bytes = raw_bytes = 0
             for entry, view in zip(item, views, strict=True):

@@ -73,10 +73,15 @@ class Image:
                 )
             done += got
 
-    def read_blocks(self, indices: Sequence[int]) -> tuple[bytearray, list[memoryview]]:
-        """Read the blocks ``indices`` (ascending); returns the buffer and one view per block."""
+    def read_blocks(
+        self, indices: Sequence[int], buffer: bytearray | None = None
+    ) -> tuple[bytearray, list[memoryview]]:
+        """Read the blocks ``indices`` (ascending) into ``buffer`` (grown if too small, else
+        reused); returns the buffer and one view per block (release them before reusing it)."""
         lengths = [self.block_length(i) for i in indices]
-        buffer = bytearray(sum(lengths))
+        total = sum(lengths)
+        if buffer is None or len(buffer) < total:
+            buffer = bytearray(total)
         whole = memoryview(buffer)
         views: list[memoryview] = []
         bs = self.block_size
@@ -93,6 +98,7 @@ class Image:
             previous = i
         if run_start >= 0:
             self.read_into(whole[run_pos:pos], run_start * bs)
+        whole.release()
         return buffer, views
 
 
