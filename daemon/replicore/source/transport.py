@@ -315,6 +315,7 @@ class TargetClient:
         self.counter = counter or WireCounter()
         self._base = base_url(url).encode()
         self._attempts = attempts
+        self._answered = False
         self._timeouts = {
             "connect": CONNECT_TIMEOUT,
             "read": read_timeout,
@@ -379,10 +380,22 @@ class TargetClient:
                 )
             except _NETWORK_ERRORS as exc:
                 _refuse_tls_failures(self.url, exc)
+                never_answered = not self._answered and isinstance(
+                    exc, httpcore.RemoteProtocolError
+                )
+                if never_answered and attempt >= 2:
+                    # The target drops a TLS client it does not know right after the
+                    # handshake, without a word.
+                    raise TransportError(
+                        f"the target at {self.url} closed the connection without answering: "
+                        "it does not accept this source's certificate (pair with "
+                        "`replicore source pair` first)"
+                    ) from exc
                 if attempt == attempts:
                     raise TransportError(f"{self.url}: {exc or type(exc).__name__}") from exc
                 time.sleep(_backoff(attempt))
                 continue
+            self._answered = True
             answer = Answer(
                 response.status,
                 {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers},
@@ -395,9 +408,20 @@ class TargetClient:
         raise AssertionError("unreachable")
 
 
+def _ssl_cause(exc: BaseException) -> BaseException | None:
+    """The ssl error behind a transport error (httpcore re-raises with `from None`, so the
+    chain is followed through __context__ as well)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _refuse_tls_failures(url: str, exc: Exception) -> None:
     """Raise at once, without retrying, when TLS itself says no: a retry cannot help."""
-    cause = exc.__cause__
+    cause = _ssl_cause(exc)
     if isinstance(cause, ssl.SSLCertVerificationError):
         raise PinMismatch(
             f"the target at {url} presented a certificate other than the pinned one; "
