@@ -1,0 +1,197 @@
+"""The built one-file executable, end to end: serve, administer, pair a source by demand,
+push an image, export it back, reload, stop; nothing left in its extraction directory.
+
+Uses dist/replicore when it is newer than the sources (CI builds it first with
+packaging/build.sh), else builds it here (about a minute). REPLICORE_SKIP_BINARY=1 skips.
+Where the kernel allows, the daemon runs as systemd would run it: no capabilities
+(CapabilityBoundingSet=), no_new_privs (NoNewPrivileges=) and memory that is never both
+writable and executable (MemoryDenyWriteExecute=, through prctl PR_SET_MDWE), with its own
+empty TMPDIR (PrivateTmp=).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ops_helpers import value
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = ROOT / "dist" / "replicore"
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("REPLICORE_SKIP_BINARY") == "1", reason="REPLICORE_SKIP_BINARY=1"
+)
+
+#: Run a command with PR_SET_MDWE(PR_MDWE_REFUSE_EXEC_GAIN): what MemoryDenyWriteExecute= does.
+MDWE = """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(97)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _sources_newer_than(path: Path) -> bool:
+    built = path.stat().st_mtime
+    inputs = [ROOT / "pyproject.toml", ROOT / "packaging" / "replicore.spec"]
+    inputs += (ROOT / "daemon" / "replicore").rglob("*.py")
+    return any(p.stat().st_mtime > built for p in inputs)
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    if not BINARY.exists() or _sources_newer_than(BINARY):
+        build = subprocess.run(
+            ["bash", str(ROOT / "packaging" / "build.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return BINARY
+
+
+def _sandbox_prefix() -> list[str]:
+    """The systemd-like restrictions this machine can apply to a process."""
+    prefix: list[str] = []
+    if subprocess.run([sys.executable, "-c", MDWE, "true"]).returncode == 0:
+        prefix = [sys.executable, "-c", MDWE]
+    setpriv = shutil.which("setpriv")
+    if setpriv and os.geteuid() == 0:
+        prefix += [setpriv, "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+    return prefix
+
+
+class Notify:
+    """A fake $NOTIFY_SOCKET that also learns each sender's pid (as systemd does)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.messages: list[tuple[int, str]] = []
+
+    def wait_for(self, line: str, timeout: float = 60.0) -> int:
+        """The pid that sent a message containing `line`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pid, text in self.messages:
+                if line in text.splitlines():
+                    return pid
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                raise AssertionError(f"no {line} in {self.messages}") from None
+            pid = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+            self.messages.append((pid, data.decode()))
+
+
+def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary, tmp_path):
+    extract = tmp_path / "tmp"  # the executable's TMPDIR: must be empty at the end
+    extract.mkdir()
+    state = tmp_path / "state"
+    config = tmp_path / "replicore.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{state}"\nshutdown_timeout = 5.0\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    env = {**os.environ, "TMPDIR": str(extract)}
+    env.pop("REPLICORE_CONFIG", None)
+
+    def run(*args: str, stdin: str = "", config_option: bool = True) -> str:
+        command = [str(binary), *args, *(["--config", str(config)] if config_option else [])]
+        done = subprocess.run(
+            command, input=stdin, capture_output=True, text=True, env=env, timeout=300
+        )
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    assert "replicore" in run("--version", config_option=False)
+    assert "config OK" in run("check-config")
+
+    notify = Notify(tmp_path / "notify.sock")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen(
+            [*_sandbox_prefix(), str(binary), "serve", "--config", str(config)],
+            stdout=log,
+            stderr=log,
+            env={**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"},
+        )
+    try:
+        sender = notify.wait_for("READY=1")
+        # One-file mode: the Python child notifies, not the main pid (hence NotifyAccess=all).
+        assert sender not in (0, daemon.pid)
+        notify.wait_for("WATCHDOG=1")
+        info = json.loads((state / "daemon.json").read_text())
+        url = info["urls"][0]
+        assert info["pid"] == sender
+        assert run("fingerprint").strip() == info["fingerprint"]
+
+        run("admin", "add", "root-admin", "--password-stdin", stdin="binary-test-pw\n")
+        source_dir = str(tmp_path / "source")
+        run("source", "init", "--dir", source_dir, config_option=False)
+        run(
+            "source", "pair", "--target", url, "--fingerprint", info["fingerprint"],
+            "--agent", "web01", "--demand", "--user", "root-admin", "--password-stdin",
+            "--dir", source_dir, stdin="binary-test-pw\n", config_option=False,
+        )  # fmt: skip
+
+        image = tmp_path / "disk.img"
+        block = os.urandom(64 * 1024)
+        image.write_bytes(block * 3 + os.urandom(64 * 1024 * 5) + bytes(64 * 1024 * 4))
+        pushed = run(
+            "push", "--target", url, "--agent", "web01", "--volume", f"vol1={image}",
+            "--dir", source_dir, "--json", config_option=False,
+        )  # fmt: skip
+        assert json.loads(pushed.strip().splitlines()[-1])["records_sent"] > 0
+        exported = tmp_path / "exported.img"
+        run("export", "--agent", "web01", "--volume", "vol1", "-o", str(exported))
+        assert (
+            hashlib.sha256(exported.read_bytes()).digest()
+            == hashlib.sha256(image.read_bytes()).digest()
+        )
+
+        status = json.loads(run("status", "--json"))
+        assert status["daemon"]["pid"] == sender and status["daemon"]["listen"] == [url]
+        assert len(status["database"]["paired_sources"]) == 1
+        scraped = httpx.get(info["metrics"][0], timeout=10).text
+        assert value(scraped, "replicore_sessions_committed_total") is not None
+        run("backup-db", "-o", str(tmp_path / "copy.db"))
+
+        daemon.send_signal(signal.SIGHUP)  # to the bootloader, which forwards it
+        notify.wait_for("RELOADING=1")
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            raise
+    log_text = log_path.read_text()
+    assert code == 0, log_text[-3000:]
+    notify.wait_for("STOPPING=1")
+    lines = [json.loads(line) for line in log_text.splitlines()]
+    assert any(line["msg"].startswith("reloaded the config") for line in lines)
+    assert lines[-1]["msg"] == "stopped"
+    assert list(extract.iterdir()) == []  # no _MEI folder left behind
