@@ -179,3 +179,24 @@ async def test_metrics_app_answers_get_head_and_refuses_the_rest():
     assert await call("HEAD", "/metrics") == (200, b"")
     assert (await call("POST", "/metrics"))[0] == 405
     assert (await call("GET", "/other"))[0] == 404
+
+
+def test_example_config_documents_every_option_with_its_default():
+    import dataclasses
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from replicore import config as config_module
+
+    text = (Path(__file__).parent.parent / "config" / "replicore.toml").read_text()
+    uncommented = re.sub(r"(?m)^# (\w+ = .*)$", r"\1", text)
+    parsed = config_module.parse(tomllib.loads(uncommented))
+    assert parsed == config_module.Config(), "a documented default differs from config.py"
+    blocks = dict(re.findall(r"(?ms)^\[(\w+)\]$(.*?)(?=^\[|\Z)", text))
+    for section, cls in config_module._SECTIONS.items():
+        assert section in blocks, f"section [{section}] is not in config/replicore.toml"
+        documented = set(re.findall(r"(?m)^# (\w+) = ", blocks[section]))
+        for field in dataclasses.fields(cls):
+            assert field.name in documented, f"{section}.{field.name} is not documented"
+    assert config_module.parse(tomllib.loads(text)) == config_module.Config()
