@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from quart import Blueprint
 
-from . import agents, cores, discovery, pairing, repositories
+from . import agents, cores, discovery, pairing, repositories, sessions
 
 BLUEPRINTS: list[Blueprint] = [
     discovery.bp,
@@ -16,4 +16,5 @@ BLUEPRINTS: list[Blueprint] = [
     cores.bp,
     repositories.bp,
     agents.bp,
+    sessions.bp,
 ]

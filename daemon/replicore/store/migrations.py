@@ -13,7 +13,7 @@ from pathlib import Path
 
 import apsw
 
-from . import admins, agents, cores, meta, repositories
+from . import admins, agents, cores, images, meta, records, repositories, sessions
 from .db import transaction
 
 Step = tuple[int, str, list[str]]
@@ -28,6 +28,9 @@ STEPS: list[Step] = [
             admins.SCHEMA,
             cores.SCHEMA,
             agents.SCHEMA,
+            records.SCHEMA,
+            images.SCHEMA,
+            sessions.SCHEMA,
         ],
     ),
 ]
