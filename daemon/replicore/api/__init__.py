@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from quart import Blueprint
 
-from . import agents, cores, discovery, pairing, repositories, sessions
+from . import (
+    agents,
+    cores,
+    discovery,
+    exchange,
+    jobs,
+    metadata,
+    pairing,
+    repositories,
+    sessions,
+    storage,
+    uploads,
+)
 
 BLUEPRINTS: list[Blueprint] = [
     discovery.bp,
@@ -17,4 +29,9 @@ BLUEPRINTS: list[Blueprint] = [
     repositories.bp,
     agents.bp,
     sessions.bp,
+    jobs.bp,
+    metadata.bp,
+    uploads.bp,
+    exchange.bp,
+    storage.bp,
 ]

@@ -15,9 +15,22 @@ from .. import __version__
 from ..config import ConfigError
 from ..errors import ApiError
 from ..store.db import NoDatabase
-from . import admin, backup, common, export, pairing, push, repository, serve, source, status
+from . import (
+    admin,
+    backup,
+    billing,
+    common,
+    export,
+    jobs,
+    pairing,
+    push,
+    repository,
+    serve,
+    source,
+    status,
+)
 
-MODULES = [serve, repository, admin, pairing, source, push, status, backup, export]
+MODULES = [serve, repository, admin, pairing, source, push, status, backup, export, jobs, billing]
 
 
 def build_parser() -> argparse.ArgumentParser:

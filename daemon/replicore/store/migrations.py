@@ -13,7 +13,21 @@ from pathlib import Path
 
 import apsw
 
-from . import admins, agents, cores, images, meta, records, repositories, sessions
+from . import (
+    admins,
+    agents,
+    billing,
+    cores,
+    exchange,
+    images,
+    jobs,
+    meta,
+    metadata,
+    records,
+    repositories,
+    sessions,
+    uploads,
+)
 from .db import transaction
 
 Step = tuple[int, str, list[str]]
@@ -31,6 +45,11 @@ STEPS: list[Step] = [
             records.SCHEMA,
             images.SCHEMA,
             sessions.SCHEMA,
+            jobs.SCHEMA,
+            metadata.SCHEMA,
+            uploads.SCHEMA,
+            exchange.SCHEMA,
+            billing.SCHEMA,
         ],
     ),
 ]
