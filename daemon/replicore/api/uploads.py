@@ -258,6 +258,9 @@ async def sweep_uploads(rt: Runtime, now: float) -> None:
     if expired:
         log.info("expired %d upload session(s) idle for %g s", len(expired), timeout)
     keep = await rt.db.read(uploads.open_ids)
+    locks: dict[str, trio.Lock] = rt.extras.get("upload_locks", {})
+    for session_id in [s for s, lock in locks.items() if s not in keep and not lock.locked()]:
+        del locks[session_id]
     await trio.to_thread.run_sync(
         uploads.remove_stray_parts, state_dir, keep, now - max(timeout, 60.0)
     )

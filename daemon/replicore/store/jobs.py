@@ -285,8 +285,9 @@ def start_replication(
 ) -> tuple[int, bool]:
     """Create the mirror of a source's replication job; returns (job row id, created).
 
-    Starting a job that is already running (a retried call) returns it unchanged; a job id
-    that already ended is a conflict. Every agent must be an approved agent of the caller."""
+    Starting a job that is already running (a retried call) returns it unchanged but for its
+    sync time; a job id that already ended is a conflict. Every agent must be an approved
+    agent of the caller."""
     check_job_id(job_id)
     if not members:
         raise Unprocessable("a replication job needs at least one agent", field="agents")
@@ -311,6 +312,7 @@ def start_replication(
                 field="id",
                 state=existing["state"],
             )
+        conn.execute("UPDATE jobs SET synced_at = ? WHERE id = ?", (now, existing["id"]))
         return int(existing["id"]), False
     placeholders = ",".join("?" * len(resolved))
     superseded = rows(
