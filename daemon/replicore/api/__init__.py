@@ -17,6 +17,7 @@ from . import (
     metadata,
     pairing,
     repositories,
+    seed_drives,
     sessions,
     storage,
     uploads,
@@ -34,4 +35,5 @@ BLUEPRINTS: list[Blueprint] = [
     uploads.bp,
     exchange.bp,
     storage.bp,
+    seed_drives.bp,
 ]

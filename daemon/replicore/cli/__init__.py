@@ -25,12 +25,26 @@ from . import (
     pairing,
     push,
     repository,
+    seed_drive,
     serve,
     source,
     status,
 )
 
-MODULES = [serve, repository, admin, pairing, source, push, status, backup, export, jobs, billing]
+MODULES = [
+    serve,
+    repository,
+    admin,
+    pairing,
+    source,
+    push,
+    status,
+    backup,
+    export,
+    jobs,
+    billing,
+    seed_drive,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from . import (
     metadata,
     records,
     repositories,
+    seed_drives,
     sessions,
     uploads,
 )
@@ -50,6 +51,7 @@ STEPS: list[Step] = [
             uploads.SCHEMA,
             exchange.SCHEMA,
             billing.SCHEMA,
+            seed_drives.SCHEMA,
         ],
     ),
 ]
