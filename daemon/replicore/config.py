@@ -63,6 +63,9 @@ class ReplicationConfig:
 @dataclass(frozen=True)
 class RecycleBinConfig:
     retention_days: float = 14.0
+    #: Seconds between the daemon's housekeeping passes: purge expired bin entries, apply
+    #: retention policies, then collect garbage if anything was deleted.
+    sweep_interval: float = 3600.0
 
 
 @dataclass(frozen=True)
