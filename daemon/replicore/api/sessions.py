@@ -16,10 +16,11 @@ The reference is docs/api/datapath.md.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
@@ -317,29 +318,6 @@ def _verify(
     return verified, None
 
 
-async def _body_chunks(limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refusing more than `limit` bytes or a stalled body."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(
-            f"body of {request.content_length} bytes is over the limit of {limit} bytes"
-        )
-    chunks = request.body.__aiter__()
-    total = 0
-    while True:
-        chunk: bytes | None = None
-        with trio.move_on_after(BODY_IDLE_TIMEOUT):
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-        if chunk is None:
-            raise BadRequest(f"the request body stalled for {BODY_IDLE_TIMEOUT:.0f} s")
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-        yield chunk
-
-
 async def _flush(session_pk: int, totals: _Totals) -> None:
     """Verify and store the pending frames; raise the first record's error (with the
     counts of what was kept before it)."""
@@ -359,26 +337,56 @@ async def _flush(session_pk: int, totals: _Totals) -> None:
         raise error
 
 
-@bp.post("/slave/<agent_id>/<job_id>/<session_id>/records/rawdata")
-@auth.paired_source
-async def record_data(agent_id: str, job_id: str, session_id: str) -> dict[str, Any]:
-    """Paired source: a batch of records (RRD1), each verified against its key and stored
-    once per repository; records before a bad one are kept."""
-    session = await _session(agent_id, job_id, session_id)
-    decoder = protocol.RecordStreamDecoder(max_raw=session["block_size"])
-    totals = _Totals()
-    try:
-        async for chunk in _body_chunks(protocol.MAX_RAWDATA_BATCH_BYTES):
+async def _receive_records(
+    session_pk: int, decoder: protocol.RecordStreamDecoder, totals: _Totals
+) -> None:
+    """Feed the request body to the decoder as it arrives, storing verified slices on the
+    way; refuses a body over the batch limit or one that stalls."""
+    limit = protocol.MAX_RAWDATA_BATCH_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"body of {request.content_length} bytes is over the limit of {limit} bytes"
+        )
+    received = 0
+    # One scope for the whole body, its deadline pushed on by every chunk (cheaper than a
+    # scope per 16 KiB chunk); storing a slice does not count as idle.
+    with trio.CancelScope() as idle:
+        idle.deadline = trio.current_time() + BODY_IDLE_TIMEOUT
+        async for chunk in request.body:
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
             decoder.feed(chunk)
             while (frame := decoder.next_event()) is not None:
                 totals.pending.append(frame)
                 totals.pending_bytes += len(frame.payload)
                 if totals.pending_bytes >= SLICE_BYTES or len(totals.pending) >= SLICE_FRAMES:
-                    await _flush(session["id"], totals)
-        decoder.finish()
+                    idle.deadline = math.inf
+                    await _flush(session_pk, totals)
+            idle.deadline = trio.current_time() + BODY_IDLE_TIMEOUT
+    if idle.cancelled_caught:
+        raise BadRequest(f"the request body stalled for {BODY_IDLE_TIMEOUT:.0f} s")
+    decoder.finish()
+
+
+@bp.post("/slave/<agent_id>/<job_id>/<session_id>/records/rawdata")
+@auth.paired_source
+async def record_data(agent_id: str, job_id: str, session_id: str) -> dict[str, Any]:
+    """Paired source: a batch of records (RRD1), each verified against its key and stored
+    once per repository, in order: the records before a bad one (or before the point where
+    the body went wrong) are kept, and the error says how many."""
+    session = await _session(agent_id, job_id, session_id)
+    decoder = protocol.RecordStreamDecoder(max_raw=session["block_size"])
+    totals = _Totals()
+    try:
+        await _receive_records(session["id"], decoder, totals)
     except protocol.ProtocolError as error:
         await _flush(session["id"], totals)
         raise _protocol_error(error, stored=totals.stored, alreadyPresent=totals.already) from None
+    except (BadRequest, PayloadTooLarge) as error:
+        await _flush(session["id"], totals)
+        error.extra.update(stored=totals.stored, alreadyPresent=totals.already)
+        raise
     await _flush(session["id"], totals)
     return {"stored": totals.stored, "alreadyPresent": totals.already}
 
