@@ -45,6 +45,8 @@ from .transport import Answer, TargetClient, TransportError
 
 #: Image bytes read and hashed at once by the hasher.
 READ_CHUNK = 8 * 1024 * 1024
+#: Chunks the kernel is asked to read ahead of the hash pass.
+PREFETCH_CHUNKS = 2
 #: Key entries of the first batch; later batches double up to LAST_KEYS_BATCH, so sending
 #: starts early and large images still need few requests.
 FIRST_KEYS_BATCH = 512
@@ -267,6 +269,7 @@ class _Pipeline:
                     raise _Abort
                 start = first * bs
                 nbytes = min(chunk_blocks * bs, size - start)
+                image.prefetch(start + chunk_blocks * bs, PREFETCH_CHUNKS * chunk_blocks * bs)
                 view = buffers[n % 2][:nbytes]
                 image.read_into(view, start)
                 if len(pending) == 1:
