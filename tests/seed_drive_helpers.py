@@ -90,3 +90,109 @@ def write_manifest(conn: apsw.Connection, manifest: dict[str, Any]) -> bytes:
     data = seed_drive.encode_manifest(seed_drive.decode_manifest(json.dumps(manifest).encode()))
     conn.execute("UPDATE drive SET value = ? WHERE name = 'manifest'", (data,))
     return data
+
+
+# --------------------------------------------------------------------------
+# Direct replication
+# --------------------------------------------------------------------------
+
+
+def bitmap_of(blocks: list[bytes]) -> bytes:
+    """Used-block bitmap (LSB first) of `blocks`: set for each block that is not all zeros."""
+    bits = bytearray(-(-len(blocks) // 8))
+    for index, block in enumerate(blocks):
+        if block.count(0) != len(block):
+            bits[index >> 3] |= 1 << (index & 7)
+    return bytes(bits)
+
+
+class DirectClient:
+    """Drives one agent's direct sessions through `client` (pinned, with the source's
+    certificate), sending exactly what a test asks."""
+
+    def __init__(self, client: Any, agent_id: str, job_id: str = "job-d") -> None:
+        self.client, self.agent_id, self.job_id = client, agent_id, job_id
+
+    def open(
+        self,
+        volume: str,
+        epoch: int,
+        size: int,
+        block_size: int,
+        previous: int | None = None,
+        **overrides: Any,
+    ) -> Any:
+        body = {
+            "agentId": self.agent_id,
+            "jobId": self.job_id,
+            "driverVolumeId": volume,
+            "epochNumber": epoch,
+            "previousEpochNumber": previous,
+            "blockSize": block_size,
+            "size": size,
+            "recoveryPointId": f"rp-{volume}-{epoch}",
+            "recoveryPointTimestamp": "2026-11-27T10:00:00Z",
+            "volumeCount": 1,
+            **overrides,
+        }
+        return self.client.post("slave/directreplicationsessions/new", json=body)
+
+    def open_ok(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        response = self.open(*args, **kwargs)
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def path(self, session_id: str, agent_id: str | None = None) -> str:
+        return f"{agent_id or self.agent_id}/{self.job_id}/{session_id}"
+
+    def file_body(self, volume: str, size: int, block_size: int, **open_info: Any) -> Any:
+        return {
+            "fullPath": f"/snapshots/{volume}.img",
+            "openInfo": {
+                "blockSize": block_size,
+                "scid": "6c1c1c86-0000-4000-8000-000000000001",
+                "size": size,
+                "volumeId": volume,
+                "imageType": "base",
+                "partial": False,
+                **open_info,
+            },
+        }
+
+    def set_file(self, session_id: str, body: Any, agent_id: str | None = None) -> Any:
+        return self.client.post(
+            f"directreplication/slave/{self.path(session_id, agent_id)}", json=body
+        )
+
+    def bitmap(self, session_id: str, bits: bytes, agent_id: str | None = None) -> Any:
+        return self.client.post(
+            f"directreplication/slave/{self.path(session_id, agent_id)}/bitmap",
+            content=bits,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def data(
+        self,
+        session_id: str,
+        first: int,
+        body: bytes,
+        agent_id: str | None = None,
+        codec: str | None = None,
+    ) -> Any:
+        headers = {"Content-Type": "application/octet-stream", "X-O3E-Block-Index": str(first)}
+        if codec is not None:
+            headers["X-O3E-Codec"] = codec
+        return self.client.post(
+            f"directreplication/slave/{self.path(session_id, agent_id)}/o3edata",
+            content=body,
+            headers=headers,
+        )
+
+    def file_info(self, session_id: str, agent_id: str | None = None) -> Any:
+        return self.client.get(f"slave/agents/{self.path(session_id, agent_id)}/fileinfo")
+
+    def description(self, session_id: str, agent_id: str | None = None) -> Any:
+        return self.client.get(
+            f"slave/agents/{self.path(session_id, agent_id)}/repoconnectiondescription"
+        )

@@ -11,6 +11,7 @@ from quart import Blueprint
 from . import (
     agents,
     cores,
+    direct,
     discovery,
     exchange,
     jobs,
@@ -36,4 +37,5 @@ BLUEPRINTS: list[Blueprint] = [
     exchange.bp,
     storage.bp,
     seed_drives.bp,
+    direct.bp,
 ]

@@ -77,10 +77,18 @@ def register(subparsers: Any) -> None:
         help="source identity directory (default: $REPLICORE_SOURCE_DIR, then "
         "~/.config/replicore-source)",
     )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="direct (O3E) transfer: send the bitmap of used blocks, then those blocks, "
+        "without hashing or key negotiation (the target hashes)",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..source.direct import push_direct
+
     options = PushOptions(
         agent_id=args.agent,
         volumes=args.volumes,
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr,
     )
     try:
-        result = push(options)
+        result = push_direct(options) if args.direct else push(options)
     except OptionError as error:
         raise CommandError(str(error)) from None
     except PushError as error:

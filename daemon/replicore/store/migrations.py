@@ -18,6 +18,7 @@ from . import (
     agents,
     billing,
     cores,
+    direct,
     exchange,
     images,
     jobs,
@@ -52,6 +53,7 @@ STEPS: list[Step] = [
             exchange.SCHEMA,
             billing.SCHEMA,
             seed_drives.SCHEMA,
+            direct.SCHEMA,
         ],
     ),
 ]
