@@ -7,26 +7,32 @@ Levels (each route is decorated with exactly one):
 - `paired_source`: a certificate whose pairing is approved; 401 without a certificate or with
   one not on record, 403 naming the state otherwise. The core row is in `g.core`.
 - `admin`: HTTP Basic credentials of an administrator account; 401 otherwise.
-Failed administrator logins are rate limited per client address (429).
+Failed administrator logins are rate limited per client address (429), checked one at a time
+per address; every login attempt is written to the audit log (store/audit.py).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import trio
 from quart import g, request
 
 from . import runtime
 from .errors import Forbidden, TooManyRequests, Unauthorized
-from .store import admins, cores
+from .store import admins, audit, cores
 
 P = ParamSpec("P")
 R = TypeVar("R")
 Handler = Callable[P, Awaitable[R]]
+
+log = logging.getLogger("replicore.auth")
 
 ACCESS_ATTRIBUTE = "replicore_access"
 FAILED_LOGINS_PER_WINDOW = 10
@@ -105,18 +111,55 @@ async def check_admin() -> str:
             "administrator credentials are required (HTTP Basic)",
             www_authenticate='Basic realm="replicore"',
         )
-    if limiter.blocked(address):
-        raise TooManyRequests(
-            "too many failed administrator logins from this address",
-            retry_after=limiter.retry_after(address),
-        )
     user, password = credentials
-    if not await rt.db.read(admins.check, user, password):
-        limiter.record(address)
-        raise Unauthorized(
-            "bad administrator credentials", www_authenticate='Basic realm="replicore"'
-        )
+    # One check at a time per address: parallel guesses would all pass `blocked` before the
+    # first failure is recorded.
+    async with _login_lock(rt, address):
+        if limiter.blocked(address):
+            # One row per address and window: a flood of refused attempts must not fill the disk.
+            if rt.limiter("admin-login-refused-audit", 1, FAILED_LOGIN_WINDOW).allow(address):
+                await _audit_login(user, "refused", address)
+            raise TooManyRequests(
+                "too many failed administrator logins from this address",
+                retry_after=limiter.retry_after(address),
+            )
+        if not await rt.db.read(admins.check, user, password):
+            limiter.record(address)
+            await _audit_login(user, "failed", address)
+            raise Unauthorized(
+                "bad administrator credentials", www_authenticate='Basic realm="replicore"'
+            )
+    await _audit_login(user, "ok", address)
     return user
+
+
+@contextlib.asynccontextmanager
+async def _login_lock(rt: runtime.Runtime, address: str) -> AsyncIterator[None]:
+    locks: dict[str, trio.Lock] = rt.extras.setdefault("admin-login-locks", {})
+    lock = locks.setdefault(address, trio.Lock())
+    try:
+        async with lock:
+            yield
+    finally:
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            locks.pop(address, None)
+
+
+async def _audit_login(user: str, outcome: str, address: str) -> None:
+    """Write the audit row of an administrator login (never the password); a failure to
+    write it is logged and does not change the answer."""
+    details = {"method": request.method, "path": request.path}
+    try:
+        await runtime.current().db.write(
+            audit.record,
+            f"api:{user}",
+            "admin.login",
+            outcome=outcome,
+            client_address=address,
+            details=details,
+        )
+    except Exception:
+        log.exception("could not write the audit row of an administrator login")
 
 
 async def _admin() -> None:

@@ -17,6 +17,7 @@ from ..errors import ApiError
 from ..store.db import NoDatabase
 from . import (
     admin,
+    audit,
     backup,
     billing,
     common,
@@ -44,6 +45,7 @@ MODULES = [
     jobs,
     billing,
     seed_drive,
+    audit,
 ]
 
 

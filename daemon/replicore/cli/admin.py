@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..store import admins
+from ..store import admins, audit
 from ..store.db import transaction
 from .common import add_config_option, database, print_table, read_password
 
@@ -34,6 +34,7 @@ def add(args: argparse.Namespace) -> int:
     password = read_password(args.password_stdin, confirm=True)
     with database(args) as conn, transaction(conn):
         admins.add(conn, args.name, password)
+        audit.record(conn, audit.cli_actor(), "admin.add", args.name)
     print(f"added administrator {args.name}")
     return 0
 
@@ -41,6 +42,7 @@ def add(args: argparse.Namespace) -> int:
 def remove(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         admins.remove(conn, args.name)
+        audit.record(conn, audit.cli_actor(), "admin.remove", args.name)
     print(f"removed administrator {args.name}")
     return 0
 

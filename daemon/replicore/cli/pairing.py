@@ -11,7 +11,7 @@ import getpass
 import time
 from typing import Any
 
-from ..store import cores
+from ..store import audit, cores
 from ..store.db import transaction
 from .common import CommandError, add_config_option, database, load_config, print_json, print_table
 
@@ -122,6 +122,16 @@ def approve(args: argparse.Namespace) -> int:
             now=time.time(),
         )
         described = cores.describe_master(conn, core)
+        audit.record(
+            conn,
+            audit.cli_actor(),
+            "pairing.approve",
+            f"request {args.request_id}",
+            details={
+                "coreId": core["core_id"],
+                "agents": {a["agentInfo"]["id"]: a["repositoryName"] for a in described["agents"]},
+            },
+        )
     print(f"approved request {args.request_id} (source {core['core_id']}, {core['host_name']})")
     for agent in described["agents"]:
         print(f"  agent {agent['agentInfo']['id']}: {agent['state']} -> {agent['repositoryName']}")
@@ -133,6 +143,13 @@ def deny(args: argparse.Namespace) -> int:
         core = cores.deny(
             conn, args.request_id, reason=args.reason, decided_by=_operator(), now=time.time()
         )
+        audit.record(
+            conn,
+            audit.cli_actor(),
+            "pairing.deny",
+            f"request {args.request_id}",
+            details={"coreId": core["core_id"], "reason": args.reason},
+        )
     print(f"denied request {args.request_id} (source {core['core_id']}, {core['host_name']})")
     return 0
 
@@ -140,5 +157,6 @@ def deny(args: argparse.Namespace) -> int:
 def ignore(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         cores.ignore(conn, args.request_id)
+        audit.record(conn, audit.cli_actor(), "pairing.ignore", f"request {args.request_id}")
     print(f"dropped request {args.request_id}")
     return 0

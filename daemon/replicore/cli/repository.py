@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..store import repositories
+from ..store import audit, repositories
 from ..store.db import transaction
 from .common import add_config_option, database, format_size, parse_size, print_json, print_table
 
@@ -35,6 +35,13 @@ def register(subparsers: Any) -> None:
 def create(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         repositories.create(conn, args.name, args.quota)
+        audit.record(
+            conn,
+            audit.cli_actor(),
+            "repository.create",
+            args.name,
+            details={"quotaBytes": args.quota},
+        )
     print(f"created repository {args.name}")
     return 0
 
@@ -56,5 +63,8 @@ def quota(args: argparse.Namespace) -> int:
     size = None if args.size.lower() == "none" else parse_size(args.size)
     with database(args) as conn, transaction(conn):
         repositories.set_quota(conn, args.name, size)
+        audit.record(
+            conn, audit.cli_actor(), "repository.quota", args.name, details={"quotaBytes": size}
+        )
     print(f"quota of {args.name}: {format_size(size) if size is not None else 'none'}")
     return 0

@@ -16,6 +16,7 @@ import apsw
 from . import (
     admins,
     agents,
+    audit,
     billing,
     cores,
     direct,
@@ -53,6 +54,7 @@ STEPS: list[Step] = [
             exchange.SCHEMA,
             billing.SCHEMA,
             seed_drives.SCHEMA,
+            audit.SCHEMA,
             direct.SCHEMA,
         ],
     ),
