@@ -4,15 +4,20 @@ lost local state, rate limiting, and clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pairing_helpers import pair_by_demand
-from push_helpers import export, make_image, mutate, push, random_image, sha256
+from push_helpers import export, make_image, mutate, push, push_args, random_image, sha256
 from replicore import certs
 
 AGENT = "web01"
@@ -178,3 +183,31 @@ def test_bad_arguments_exit_with_status_2(server, paired, tmp_path: Path) -> Non
     assert run.status == 2 and "--block-size" in run.stderr
     missing = push(paired, server, AGENT, {"vol-c": tmp_path / "absent.img"})
     assert missing.status == 1 and "cannot open" in missing.stderr
+
+
+def test_progress_is_drawn_on_a_terminal_only(server, paired, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    make_image(image, 16)
+    args = push_args(paired, server, AGENT, {"vol-c": image})
+    args.remove("--json")
+    master, slave = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "replicore", *args],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+            check=False,
+        )
+        os.close(slave)
+        drawn = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 65536):
+                drawn += chunk
+    finally:
+        os.close(master)
+    assert done.returncode == 0
+    assert b"\r" in drawn and b"read 1.0 MiB of 1.0 MiB" in drawn and b"ETA" in drawn
+    assert b"epoch 1 committed" in done.stdout
+    quiet = push(paired, server, AGENT, {"vol-c": image})  # stderr is no terminal here
+    assert quiet.status == 0 and quiet.stderr == ""
