@@ -311,7 +311,7 @@ class _Receiver:
         self.pending: list[tuple[int, int, int, bytes]] = []
         self.pending_bytes = 0
         self.level = runtime.current().config.replication.compression_level
-        self.answer: dict[str, Any] = {}
+        self.answer: dict[str, Any] = {**direct.progress(session, state), "committed": False}
         self.stored = 0
         self.already = 0
 

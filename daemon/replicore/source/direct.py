@@ -26,6 +26,7 @@ from urllib.parse import quote
 from . import identity
 from .identity import IdentityError
 from .push import OptionError, PushError, PushOptions, VolumeSpec, check_options
+from .ratelimit import TokenBucket
 from .reader import Image, ImageError
 from .state import AgentState, StateError
 from .transport import Answer, TargetClient, TransportError
@@ -291,7 +292,13 @@ def push_direct(options: PushOptions) -> dict[str, Any]:
             for spec, image in zip(options.volumes, opened, strict=True)
         }
         with (
-            TargetClient(target["url"], pem, source, connections=2) as client,
+            TargetClient(
+                target["url"],
+                pem,
+                source,
+                connections=2,
+                bucket=TokenBucket(options.max_rate) if options.max_rate else None,
+            ) as client,
             AgentState.locked(source, target_core, options.agent_id) as state,
         ):
             _, resumed_run, abandoned = state.start_run(shapes)
