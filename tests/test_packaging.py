@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,32 +77,46 @@ def _sandbox_prefix() -> list[str]:
 
 
 class Notify:
-    """A fake $NOTIFY_SOCKET that also learns each sender's pid (as systemd does)."""
+    """A fake $NOTIFY_SOCKET, read all the time by a thread (as systemd does), that also
+    learns each sender's pid from its credentials."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.2)
         self.messages: list[tuple[int, str]] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
 
-    def wait_for(self, line: str, timeout: float = 60.0) -> int:
-        """The pid that sent a message containing `line`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for pid, text in self.messages:
-                if line in text.splitlines():
-                    return pid
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+    def _read(self) -> None:
+        while not self.closed.is_set():
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except TimeoutError:
-                raise AssertionError(f"no {line} in {self.messages}") from None
+                continue
             pid = 0
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
             self.messages.append((pid, data.decode()))
+
+    def wait_for(self, line: str, timeout: float = 60.0) -> int:
+        """The pid that sent a message containing `line`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid, text in list(self.messages):
+                if line in text.splitlines():
+                    return pid
+            time.sleep(0.02)
+        raise AssertionError(f"no {line} in {self.messages}")
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+        self.sock.close()
 
 
 def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary, tmp_path):
@@ -191,7 +206,34 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
     log_text = log_path.read_text()
     assert code == 0, log_text[-3000:]
     notify.wait_for("STOPPING=1")
+    notify.close()
     lines = [json.loads(line) for line in log_text.splitlines()]
     assert any(line["msg"].startswith("reloaded the config") for line in lines)
     assert lines[-1]["msg"] == "stopped"
     assert list(extract.iterdir()) == []  # no _MEI folder left behind
+
+
+def test_install_sh_stages_binary_unit_and_config_without_overwriting_it(binary, tmp_path):
+    stage = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(stage), "BINARY": str(binary), "TMPDIR": str(tmp_path)}
+    script = str(ROOT / "packaging" / "install.sh")
+    first = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "config OK" in first.stdout
+    installed = stage / "usr" / "local" / "bin" / "replicore"
+    assert installed.read_bytes() == binary.read_bytes() and os.access(installed, os.X_OK)
+    unit = stage / "etc" / "systemd" / "system" / "replicore.service"
+    assert unit.read_text() == (ROOT / "systemd" / "replicore.service").read_text()
+    config = stage / "etc" / "replicore" / "replicore.toml"
+    assert stat_mode(config) == 0o640
+    assert 'state_dir = "/var/lib/replicore"' in config.read_text().splitlines()
+
+    config.write_text(config.read_text() + "\n# edited by the operator\n")
+    again = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept the existing" in again.stdout
+    assert config.read_text().endswith("# edited by the operator\n")
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -55,11 +55,11 @@ def create_app(runtime: Runtime) -> QuartTrio:
         if rule is not None:
             state["endpoint"] = rule.removeprefix(rule_prefix)
         view_args = request.view_args or {}
-        for field, name in (("agent_id", "agentId"), ("session_id", "sessionId")):
-            value = view_args.get(name)
-            if value is not None:
-                state[field] = str(value)
-                logs.bind(**{field: str(value)})
+        for field, names in _ROUTE_IDS.items():
+            found = next((view_args[n] for n in names if view_args.get(n) is not None), None)
+            if found is not None:
+                state[field] = str(found)
+                logs.bind(**{field: str(found)})
 
     @app.after_request
     async def note_caller(response: Response) -> Response:
@@ -100,6 +100,11 @@ def _json_error(status: int, body: dict[str, Any]) -> Response:
     return response
 
 
+#: Route parameters that name the agent or session of a request, for the log context.
+_ROUTE_IDS = {
+    "agent_id": ("agent_id", "agentId"),
+    "session_id": ("session_id", "sessionId", "upload_session_id", "uploadSessionId"),
+}
 #: Where the middleware and the Quart hooks share what they know of one request.
 STATE_KEY = "replicore.request"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

@@ -54,7 +54,12 @@ class Notifier:
         payload = "\n".join(lines).encode("utf-8", "replace")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # Never block the event loop on a listener that does not read.
+                sock.setblocking(False)
                 sock.sendto(payload, self.address)
+        except BlockingIOError:
+            log.warning("systemd's notify socket %r is full; message dropped", self.address)
+            return False
         except OSError as error:
             log.warning("cannot notify systemd at %r: %s", self.address, error)
             return False
