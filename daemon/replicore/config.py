@@ -39,6 +39,9 @@ class ServerConfig:
     #: Where `serve` copies the database before a migration changes its schema
     #: ("" = state_dir/backups). Needs as much free space as the database takes.
     backup_dir: Path | None = None
+    #: Largest size of the database file in bytes, 0 = no limit (the disk is the limit). A
+    #: write past it is refused with 507, as on a full disk.
+    max_database_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,13 @@ class UploadsConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    #: Hours between the daemon's verify runs (re-hash every stored record, as `replicore
+    #: verify`); 0 = never.
+    interval_hours: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
@@ -108,6 +118,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     #: The file this config was read from, or None for the embedded defaults.
     source: Path | None = None
 
@@ -129,6 +140,7 @@ _SECTIONS: dict[str, type] = {
     "jobs": JobsConfig,
     "uploads": UploadsConfig,
     "metrics": MetricsConfig,
+    "verify": VerifyConfig,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")

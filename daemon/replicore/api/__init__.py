@@ -14,6 +14,7 @@ from . import (
     direct,
     discovery,
     exchange,
+    integrity,
     jobs,
     metadata,
     pairing,
@@ -38,4 +39,5 @@ BLUEPRINTS: list[Blueprint] = [
     storage.bp,
     seed_drives.bp,
     direct.bp,
+    integrity.bp,
 ]

@@ -30,6 +30,7 @@ from . import (
     serve,
     source,
     status,
+    verify,
 )
 
 MODULES = [
@@ -46,6 +47,7 @@ MODULES = [
     billing,
     seed_drive,
     audit,
+    verify,
 ]
 
 

@@ -5,6 +5,10 @@ the trio thread: writes one at a time, each in its own `BEGIN IMMEDIATE` transac
 caller ever needs busy-retry code), reads on a small pool of connections. The CLI opens its
 own connection with `open_existing()` and uses `transaction()`; SQLite's busy timeout
 serialises it with a running daemon.
+
+A full disk (or the daemon's size cap, `server.max_database_bytes`, applied as SQLite's
+per-connection `max_page_count` on the writer) makes a write fail with SQLITE_FULL: the
+transaction is rolled back whole and `Database.write` raises `InsufficientStorage` (507).
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import apsw
 import trio
 
+from ..errors import InsufficientStorage
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 15_000
 PAGE_SIZE = 16384
+#: SQLite's own largest max_page_count: no cap.
+UNLIMITED_PAGES = 4294967294
 
 
 class NoDatabase(RuntimeError):
     """The command needs a database that `replicore serve` has not created yet."""
 
 
-def connect(path: Path, *, create: bool = False) -> apsw.Connection:
+def connect(path: Path, *, create: bool = False, max_bytes: int = 0) -> apsw.Connection:
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
@@ -41,7 +49,16 @@ def connect(path: Path, *, create: bool = False) -> apsw.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA trusted_schema=OFF")
+    limit_size(conn, max_bytes)
     return conn
+
+
+def limit_size(conn: apsw.Connection, max_bytes: int) -> None:
+    """Cap the database file this connection may grow (0: no cap). A write past it fails
+    with SQLITE_FULL, as on a full disk; pages freed inside the file are reused first."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    pages = max(1, max_bytes // page_size) if max_bytes > 0 else UNLIMITED_PAGES
+    conn.execute(f"PRAGMA max_page_count={pages}")
 
 
 def open_existing(path: Path) -> apsw.Connection:
@@ -63,10 +80,12 @@ def transaction(conn: apsw.Connection) -> Iterator[apsw.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (SQLITE_FULL, IOERR); a failed COMMIT has not.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def rows(conn: apsw.Connection, sql: str, bindings: Any = ()) -> list[dict[str, Any]]:
@@ -87,9 +106,9 @@ def row(conn: apsw.Connection, sql: str, bindings: Any = ()) -> dict[str, Any] |
 class Database:
     """One writer connection (serialised by a lock) and a pool of reader connections."""
 
-    def __init__(self, path: Path, readers: int = 4) -> None:
+    def __init__(self, path: Path, readers: int = 4, max_bytes: int = 0) -> None:
         self.path = path
-        self._writer = connect(path)
+        self._writer = connect(path, max_bytes=max_bytes)
         self._write_lock = trio.Lock()
         self._readers = [connect(path) for _ in range(readers)]
         self._reader_limit = trio.CapacityLimiter(readers)
@@ -99,14 +118,26 @@ class Database:
         self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Run fn(conn, ...) in one write transaction; it completes even if the caller is
-        cancelled, so a transaction is never cut in the middle."""
+        cancelled, so a transaction is never cut in the middle. A full disk or database
+        (SQLITE_FULL) rolls it back and raises InsufficientStorage."""
 
         def run() -> T:
             with transaction(self._writer):
                 return fn(self._writer, *args, **kwargs)
 
         async with self._write_lock:
-            return await trio.to_thread.run_sync(run)
+            try:
+                return await trio.to_thread.run_sync(run)
+            except apsw.FullError:
+                raise InsufficientStorage(
+                    "the database is full: its disk or its configured size"
+                    " (server.max_database_bytes) has no room left"
+                ) from None
+
+    async def limit_size(self, max_bytes: int) -> None:
+        """Cap the size of the database the writer may grow (0: no cap); see `limit_size`."""
+        async with self._write_lock:
+            await trio.to_thread.run_sync(limit_size, self._writer, max_bytes)
 
     async def read(
         self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs

@@ -30,6 +30,7 @@ from . import (
     seed_drives,
     sessions,
     uploads,
+    verify,
 )
 from .db import transaction
 
@@ -56,6 +57,7 @@ STEPS: list[Step] = [
             seed_drives.SCHEMA,
             audit.SCHEMA,
             direct.SCHEMA,
+            verify.SCHEMA,
         ],
     ),
 ]
