@@ -30,7 +30,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, g, jsonify, request
 
-from .. import auth, bodies, protocol, runtime
+from .. import auth, bodies, metrics, protocol, runtime
 from ..errors import (
     ApiError,
     BadRequest,
@@ -248,6 +248,8 @@ async def new_session() -> dict[str, Any]:
     if _disk_free() <= 0:
         raise InsufficientStorage("the disk holding the database is full")
     answer = await _write(_open, g.core, body.agent_id, wanted, time.time())
+    if not answer["resumed"]:
+        metrics.session_opened()
     log.info(
         "session %s %s for %s:%s of agent %s",
         answer["sessionId"],
@@ -280,10 +282,28 @@ async def record_keys(agent_id: str, job_id: str, session_id: str) -> Response:
     session = await _session(agent_id, job_id, session_id)
     body = await bodies.raw_body(protocol.MAX_KEYS_BATCH_BYTES)
     entries = await trio.to_thread.run_sync(_decode_keys, session, body)
-    missing = await _write(
-        sessions.record_keys, session["id"], entries, time.time(), disk_free=_disk_free()
-    )
+    try:
+        missing = await _write(
+            sessions.record_keys, session["id"], entries, time.time(), disk_free=_disk_free()
+        )
+    except InsufficientStorage as error:
+        metrics.record_rejected(
+            int(error.extra.get("neededBytes", 0)),
+            int(error.extra.get("missingRecords", 0)),
+            reason="quota",
+        )
+        raise
+    _count_deduplicated(entries, missing)
     return _octets(protocol.encode_missing(missing))
+
+
+def _count_deduplicated(entries: list[protocol.KeyEntry], missing: list[int]) -> None:
+    """Metrics: the blocks of a key batch the repository already had."""
+    wanted = set(missing)
+    missing_keys = {entry.key for entry in entries if entry.index in wanted}
+    present = [entry.length for entry in entries if entry.key not in missing_keys]
+    if present:
+        metrics.record_deduplicated(sum(present), len(present))
 
 
 # --------------------------------------------------------------------------
@@ -331,8 +351,21 @@ async def _flush(session_pk: int, totals: _Totals) -> None:
         )
         totals.stored += stored
         totals.already += already
-        error = refused or error
+        accepted = verified[: stored + already]
+        metrics.record_received(
+            sum(len(record.data) for record in accepted),
+            len(accepted),
+            raw_nbytes=sum(record.raw_length for record in accepted),
+        )
+        if refused is not None:
+            error, bad = refused, frames[len(accepted)]
+        else:
+            bad = frames[len(verified)] if error is not None else None
+    else:
+        bad = frames[0] if error is not None else None
     if error is not None:
+        assert bad is not None
+        metrics.record_rejected(len(bad.payload), 1, reason="mismatch")
         error.extra.update(stored=totals.stored, alreadyPresent=totals.already)
         raise error
 
@@ -378,16 +411,21 @@ async def record_data(agent_id: str, job_id: str, session_id: str) -> dict[str, 
     session = await _session(agent_id, job_id, session_id)
     decoder = protocol.RecordStreamDecoder(max_raw=session["block_size"])
     totals = _Totals()
-    try:
-        await _receive_records(session["id"], decoder, totals)
-    except protocol.ProtocolError as error:
+    with metrics.uploading():
+        try:
+            await _receive_records(session["id"], decoder, totals)
+        except protocol.ProtocolError as error:
+            await _flush(session["id"], totals)
+            metrics.record_rejected(0, 1, reason="malformed")
+            raise _protocol_error(
+                error, stored=totals.stored, alreadyPresent=totals.already
+            ) from None
+        except (BadRequest, PayloadTooLarge) as error:
+            await _flush(session["id"], totals)
+            metrics.record_rejected(0, 1, reason="malformed")
+            error.extra.update(stored=totals.stored, alreadyPresent=totals.already)
+            raise
         await _flush(session["id"], totals)
-        raise _protocol_error(error, stored=totals.stored, alreadyPresent=totals.already) from None
-    except (BadRequest, PayloadTooLarge) as error:
-        await _flush(session["id"], totals)
-        error.extra.update(stored=totals.stored, alreadyPresent=totals.already)
-        raise
-    await _flush(session["id"], totals)
     return {"stored": totals.stored, "alreadyPresent": totals.already}
 
 
@@ -412,8 +450,11 @@ async def _end_arguments(session: dict[str, Any]) -> tuple[bool, int, str]:
 
 async def _end(session_pk: int, commit: bool, block_count: int, checksum: str) -> dict[str, Any]:
     if commit:
-        return await _write(sessions.commit, session_pk, block_count, checksum, time.time())
+        answer = await _write(sessions.commit, session_pk, block_count, checksum, time.time())
+        metrics.session_committed()
+        return answer
     await _write(sessions.discard, session_pk)
+    metrics.session_discarded("source")
     return {"committed": False, "discarded": True}
 
 
@@ -577,6 +618,7 @@ async def expire_sessions(rt: runtime.Runtime) -> list[str]:
         sessions.expire, now - rt.config.replication.session_timeout, running
     )
     for sid in expired:
+        metrics.session_discarded("expired")
         log.info("session %s expired after %.0f s idle", sid, rt.config.replication.session_timeout)
     for sid, state in list(states.items()):
         if state.finished_at is not None and state.finished_at < now - FINISHED_STATE_TTL:

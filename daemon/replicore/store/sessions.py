@@ -31,7 +31,7 @@ from typing import Any
 
 import apsw
 
-from .. import protocol
+from .. import metrics, protocol
 from ..errors import Conflict, InsufficientStorage, NotFound, Unprocessable
 from . import images, records, repositories
 from .db import row, rows
@@ -157,6 +157,14 @@ def for_epoch(
 
 def open_sessions(conn: apsw.Connection) -> list[dict[str, Any]]:
     return rows(conn, "SELECT * FROM sessions ORDER BY created_at")
+
+
+def open_count(conn: apsw.Connection) -> int:
+    """Open sessions on this core (the `sessions_open` figure of metrics and status)."""
+    return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
+metrics.register_count("sessions_open", open_count)
 
 
 def reserved_bytes(conn: apsw.Connection, repository_id: int) -> int:
@@ -397,6 +405,7 @@ def record_keys(
                 f" lacks need {needed} bytes",
                 neededBytes=needed,
                 availableBytes=max(left, 0),
+                missingRecords=len(new),
             )
         if disk_free is not None:
             reserved_everywhere = conn.execute(
@@ -408,6 +417,7 @@ def record_keys(
                     f" reserved; the records this batch lacks need {needed} bytes",
                     neededBytes=needed,
                     availableBytes=max(disk_free - reserved_everywhere, 0),
+                    missingRecords=len(new),
                 )
         conn.executemany(
             "INSERT INTO session_reservations(session_pk, key, raw_length) VALUES (?, ?, ?)", new
