@@ -287,3 +287,35 @@ def test_direct_routes_do_not_clash_with_the_agent_routes(app):
     assert (
         _endpoint(app, f"directreplication/slave/a1/j1/{sid}/o3edata", "POST") == "direct.o3e_data"
     )
+
+
+def test_interrupted_direct_push_resumes_where_the_target_stopped(
+    server, source, tmp_path, monkeypatch
+):
+    from replicore.source import direct as direct_client
+    from replicore.source.transport import TargetClient, TransportError
+
+    image = tmp_path / "c.img"
+    data = make_image(image, 12, seed=9)
+    used = sum(1 for b in blocks_of(data, 64 * KIB) if b.count(0) != len(b))
+    monkeypatch.setattr(direct_client, "SEND_BYTES", 64 * KIB)  # one block per request
+    original = TargetClient.request
+    calls = {"o3edata": 0}
+
+    def cut(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        if path.endswith("/o3edata"):
+            calls["o3edata"] += 1
+            if calls["o3edata"] == 4:
+                raise TransportError("connection cut")
+        return original(self, method, path, **kwargs)
+
+    monkeypatch.setattr(TargetClient, "request", cut)
+    failed = push(source, server, "web01", {"vol-c": image}, "--direct")
+    assert failed.status == 1 and "connection cut" in failed.stderr
+    monkeypatch.setattr(TargetClient, "request", original)
+
+    result = push(source, server, "web01", {"vol-c": image}, "--direct").result
+    assert result["resumed_run"] is True
+    assert result["volumes"][0]["resumed"] is True
+    assert result["blocks_sent"] == used - 3
+    assert export(server, "web01", "vol-c", tmp_path / "out.img") == data

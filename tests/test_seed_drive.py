@@ -268,3 +268,34 @@ def test_consumed_seed_drives_only_for_the_callers_own_agents(
         assert client.get("consumedSeedDrives/nobody").status_code == 404
     with server.client() as client:
         assert client.get("consumedSeedDrives/web01").status_code == 401
+
+
+def test_drive_made_for_another_target_or_over_quota_is_refused(
+    server, make_server, source, tmp_path
+):
+    other = make_server(name="other")
+    assert (
+        other.cli("admin", "add", "root", "--password-stdin", stdin="long enough pw\n").status == 0
+    )
+    pair_by_demand(other, source, ["web01"], ("root", "long enough pw"))
+    image = tmp_path / "c.img"
+    make_image(image, 6, seed=12)
+    elsewhere = create_drive(
+        source, "web01", {"vol-c": image}, tmp_path / "other.drive", "--target", other.url
+    )
+    assert elsewhere["targetCoreId"] == other.core_id
+    before = db_snapshot(server)
+    result = consume(server, tmp_path / "other.drive")
+    assert result.status == 1 and f"made for core {other.core_id}" in result.stderr
+
+    create_drive(source, "web01", {"vol-c": image}, tmp_path / "seed.drive", "--target", server.url)
+    repository = query(
+        server,
+        "SELECT r.name FROM repositories r JOIN agents a"
+        " ON a.repository_id = r.id WHERE a.agent_id = 'web01'",
+    )[0][0]
+    assert server.cli("repository", "quota", repository, "64K").status == 0
+    before = db_snapshot(server)
+    result = consume(server, tmp_path / "seed.drive")
+    assert result.status == 1 and "quota" in result.stderr
+    assert db_snapshot(server) == before
