@@ -26,7 +26,7 @@ import msgspec
 import trio
 from quart import Blueprint, g, request, url_for
 
-from .. import auth, bodies, protocol, runtime
+from .. import auth, bodies, metrics, protocol, runtime
 from ..errors import (
     BadRequest,
     Conflict,
@@ -186,6 +186,8 @@ async def new_direct_session() -> dict[str, Any]:
     if _disk_free() <= 0:
         raise InsufficientStorage("the disk holding the database is full")
     answer: dict[str, Any] = await _write(_open, g.core, body.agent_id, wanted, time.time())
+    if not answer["resumed"]:
+        metrics.session_opened()
     log.info(
         "direct session %s %s for %s:%s of agent %s",
         answer["sessionId"],
@@ -238,6 +240,7 @@ async def bitmap(agent_id: str, job_id: str, session_id: str) -> dict[str, Any]:
         disk_free=_disk_free(),
     )
     if answer.get("committed"):
+        metrics.session_committed()
         log.info("direct session %s committed (no used block)", session["session_id"])
     return answer
 
@@ -393,6 +396,11 @@ class _Receiver:
                 time.time(),
                 disk_free=_disk_free(),
             )
+            metrics.record_received(
+                sum(len(block.data) for block in ready),
+                len(ready),
+                raw_nbytes=sum(block.raw_length for block in ready),
+            )
             self.stored += self.answer["stored"]
             self.already += self.answer["alreadyPresent"]
         if error is not None:
@@ -443,6 +451,7 @@ async def o3e_data(agent_id: str, job_id: str, session_id: str) -> dict[str, Any
         await receiver.feed(chunk)
     answer = await receiver.finish()
     if answer.get("committed"):
+        metrics.session_committed()
         log.info("direct session %s committed as %s", session["session_id"], answer["volumeImage"])
     return answer
 
