@@ -104,14 +104,25 @@ def test_keys_answer_only_the_records_the_repository_lacks(server, source, web01
     assert missing == [len(blocks) - 1]
 
 
-def test_deduplication_never_crosses_repositories(server, make_source, admin, web01):
+def test_deduplication_never_crosses_repositories(
+    server, make_source, admin, source, web01, tmp_path
+):
     image = make_image(4, 1 * MIB, BS)
     first = web01.push("vol", 1, image, BS)
     other = make_source("b")
     pair_by_demand(server, other, ["web01"], admin)  # its own repository
+    theirs = mutate(image, BS, [0], seed=2)
     with server.client(other) as client:
-        pushed = DataPathClient(client, "web01").push("vol", 1, image, BS)
-    assert sorted(pushed.missing) == sorted(first.missing) and pushed.stored == first.stored
+        pushed = DataPathClient(client, "web01").push("vol", 1, theirs, BS)
+    distinct = {protocol.record_key(b) for b in split(theirs, BS)}
+    assert len(pushed.missing) == pushed.stored == len(distinct)  # nothing of the first's
+    assert len(first.missing) == first.stored
+    # both sources have an agent web01: export needs --source
+    ambiguous = server.cli("export", "--agent", "web01", "--volume", "vol", "-o", "x")
+    assert ambiguous.status != 0 and "--source" in ambiguous.stderr
+    args = ("--agent", "web01", "--volume", "vol", "--source")
+    assert export(server, tmp_path, *args, source.core_id) == image
+    assert export(server, tmp_path, *args, other.core_id) == theirs
 
 
 def test_record_not_matching_its_key_is_refused_and_earlier_records_kept(web01):
