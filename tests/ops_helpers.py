@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,32 +54,60 @@ def value(text: str, name: str, **labels: str) -> float | None:
 
 
 class NotifySocket:
-    """A unix datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+    """A fake $NOTIFY_SOCKET, read all the time by a thread (as systemd reads it: a unix
+    datagram queue holds only a few messages), that also learns each sender's pid."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.messages: list[dict[str, str]] = []
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.1)
+        #: (sender pid, {key: value}) in arrival order.
+        self.received: list[tuple[int, dict[str, str]]] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def wait_for(self, key: str, value: str = "1", timeout: float = 30.0) -> dict[str, str]:
-        """The first message (received so far or next) with key=value."""
-        for message in self.messages:
-            if message.get(key) == value:
-                return message
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.received.append((pid, fields))
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [fields for _, fields in self.received]
+
+    def wait_for(self, key: str, value: str = "1", timeout: float = 60.0) -> dict[str, str]:
+        """The first message with key=value (waiting for it if need be)."""
+        return self.received[self.wait_index(key, value, timeout)][1]
+
+    def sender(self, key: str, value: str = "1", timeout: float = 60.0) -> int:
+        """The pid that sent the first message with key=value."""
+        return self.received[self.wait_index(key, value, timeout)][0]
+
+    def wait_index(self, key: str, value: str, timeout: float) -> int:
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {key}={value} in {self.messages}")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append(message)
-            if message.get(key) == value:
-                return message
+        while time.monotonic() < deadline:
+            for index, (_, fields) in enumerate(list(self.received)):
+                if fields.get(key) == value:
+                    return index
+            time.sleep(0.02)
+        raise AssertionError(f"no {key}={value} in {self.messages}")
 
     def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
         self.sock.close()
 
 

@@ -55,6 +55,7 @@ def test_notify_socket_hears_ready_watchdog_and_stopping(make_server, tmp_path):
         server.start()
         ready = notify.wait_for("READY")
         assert server.url in ready["STATUS"]
+        assert notify.sender("READY") == server.proc.pid
         notify.wait_for("WATCHDOG")
         with server.client() as client:  # still serving while it pings
             assert client.get("slave/cores/noPairingSummaryInfo").status_code == 200

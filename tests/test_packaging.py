@@ -16,18 +16,14 @@ import json
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ops_helpers import value
+from ops_helpers import NotifySocket, value
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "dist" / "replicore"
@@ -76,49 +72,6 @@ def _sandbox_prefix() -> list[str]:
     return prefix
 
 
-class Notify:
-    """A fake $NOTIFY_SOCKET, read all the time by a thread (as systemd does), that also
-    learns each sender's pid from its credentials."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[int, str]] = []
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self.closed.is_set():
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except TimeoutError:
-                continue
-            pid = 0
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("iII", payload[:12])[0]
-            self.messages.append((pid, data.decode()))
-
-    def wait_for(self, line: str, timeout: float = 60.0) -> int:
-        """The pid that sent a message containing `line`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pid, text in list(self.messages):
-                if line in text.splitlines():
-                    return pid
-            time.sleep(0.02)
-        raise AssertionError(f"no {line} in {self.messages}")
-
-    def close(self) -> None:
-        self.closed.set()
-        self.thread.join()
-        self.sock.close()
-
-
 def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary, tmp_path):
     extract = tmp_path / "tmp"  # the executable's TMPDIR: must be empty at the end
     extract.mkdir()
@@ -142,7 +95,7 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
     assert "replicore" in run("--version", config_option=False)
     assert "config OK" in run("check-config")
 
-    notify = Notify(tmp_path / "notify.sock")
+    notify = NotifySocket(tmp_path / "notify.sock")
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         daemon = subprocess.Popen(
@@ -152,10 +105,10 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
             env={**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"},
         )
     try:
-        sender = notify.wait_for("READY=1")
+        sender = notify.sender("READY")
         # One-file mode: the Python child notifies, not the main pid (hence NotifyAccess=all).
         assert sender not in (0, daemon.pid)
-        notify.wait_for("WATCHDOG=1")
+        notify.wait_for("WATCHDOG")
         info = json.loads((state / "daemon.json").read_text())
         url = info["urls"][0]
         assert info["pid"] == sender
@@ -193,7 +146,7 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
         run("backup-db", "-o", str(tmp_path / "copy.db"))
 
         daemon.send_signal(signal.SIGHUP)  # to the bootloader, which forwards it
-        notify.wait_for("RELOADING=1")
+        notify.wait_for("RELOADING")
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -205,7 +158,7 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
             raise
     log_text = log_path.read_text()
     assert code == 0, log_text[-3000:]
-    notify.wait_for("STOPPING=1")
+    notify.wait_for("STOPPING")
     notify.close()
     lines = [json.loads(line) for line in log_text.splitlines()]
     assert any(line["msg"].startswith("reloaded the config") for line in lines)
