@@ -18,7 +18,7 @@ from quart import Blueprint, g
 from .. import API_VERSION, auth, certs, runtime
 from ..bodies import Struct, json_body
 from ..errors import Forbidden, TooManyRequests, Unauthorized, Unprocessable
-from ..store import agents, cores, repositories
+from ..store import agents, cores, recycle_bin, repositories
 from ..store.agents import AGENT_ID_PATTERN, AgentRequest
 from .discovery import parse_bool_arg
 
@@ -315,12 +315,12 @@ async def demand() -> dict[str, Any]:
 @bp.delete("/slave/pairing/")
 @auth.paired_source
 async def unpair() -> dict[str, Any]:
-    """Paired source: end the pairing. deleteRecoveryPoints=true asks for its agents' data to
-    be deleted (recorded here; the recycle bin does it)."""
+    """Paired source: end the pairing. deleteRecoveryPoints=true also moves its agents and
+    their recovery points to the recycle bin (store/recycle_bin.py)."""
     rt = runtime.current()
     delete = parse_bool_arg("deleteRecoveryPoints")
     core = await rt.db.write(
-        cores.unpair, g.core["id"], delete_recovery_points=delete, now=time.time()
+        recycle_bin.unpair, g.core["id"], delete_recovery_points=delete, now=time.time()
     )
     return {
         "requestId": core["id"],

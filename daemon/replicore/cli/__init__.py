@@ -17,15 +17,20 @@ from ..errors import ApiError
 from ..store.db import NoDatabase
 from . import (
     admin,
+    agents,
     audit,
     backup,
     billing,
+    bin,
     common,
     export,
+    gc,
     jobs,
     pairing,
     push,
     repository,
+    retention,
+    rps,
     seed_drive,
     serve,
     source,
@@ -47,6 +52,11 @@ MODULES = [
     billing,
     seed_drive,
     audit,
+    agents,
+    rps,
+    bin,
+    retention,
+    gc,
     verify,
 ]
 

@@ -34,8 +34,9 @@ CREATE TABLE agents (
 CREATE INDEX agents_repository ON agents(repository_id);
 """
 
-#: An agent id: a GUID in the original; any token safe in a URL path segment here.
-AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: An agent id: a GUID in the original; any token safe in a URL path segment here, except
+#: the words of literal routes under slave/agents/ (those routes win over agents/{agentId}).
+AGENT_ID_PATTERN = r"^(?!(?:request|demand|replicationJob)$)[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _AGENT_ID = re.compile(AGENT_ID_PATTERN)
 
 
@@ -43,7 +44,7 @@ def check_agent_id(agent_id: str, field: str = "agentId") -> str:
     if not _AGENT_ID.match(agent_id):
         raise Unprocessable(
             "an agent id is 1-128 of letters, digits, '.', '_', ':', '-' "
-            "starting with a letter or digit",
+            "starting with a letter or digit, and not request, demand or replicationJob",
             field=field,
         )
     return agent_id

@@ -1,0 +1,159 @@
+"""The daemon's housekeeping: every `recycle_bin.sweep_interval` seconds it purges the bin
+entries whose `retention_days` are up, applies the retention policies (one transaction per
+rolled-up recovery point), and, when either deleted something, collects garbage and gives
+the freed pages back to the file system.
+
+No routes: a blueprint only for its serving hooks. The loop lives in the server's nursery
+(`runtime.nursery`) under its own cancel scope, like the data path's session expiry; one
+pass runs at a time (`collect_garbage` and `sweep_once` share a lock). Each step goes through
+`runtime.db` (writes serialised with the data path's); only the truncating WAL checkpoint
+runs on a connection of its own, outside any transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+from quart import Blueprint
+
+from .. import runtime
+from ..store import db as store_db
+from ..store import gc, recycle_bin, retention
+
+log = logging.getLogger("replicore.housekeeping")
+
+bp = Blueprint("housekeeping", __name__)
+
+LOCK_KEY = "inventory.housekeeping.lock"
+SCOPE_KEY = "inventory.housekeeping.scope"
+#: The shortest pause between passes, whatever the config says.
+MIN_INTERVAL = 0.2
+
+
+def _lock(rt: runtime.Runtime) -> trio.Lock:
+    lock: trio.Lock = rt.extras.setdefault(LOCK_KEY, trio.Lock())
+    return lock
+
+
+def _checkpoint(path: Any) -> tuple[int, int, int]:
+    conn = store_db.connect(path)
+    try:
+        return gc.checkpoint(conn)
+    finally:
+        conn.close()
+
+
+async def collect_garbage(rt: runtime.Runtime, *, dry_run: bool = False) -> gc.Report:
+    """A garbage collection through the daemon's database runner (see store/gc.py)."""
+    async with _lock(rt):
+        return await _collect(rt, dry_run)
+
+
+async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
+    started = time.monotonic()
+    path = rt.db.path
+    report = gc.Report(dry_run=dry_run, file_bytes_before=gc.file_bytes(path))
+    report.records_before = await rt.db.read(gc.record_count)
+    min_age = rt.config.replication.session_timeout
+    for repository_id in await rt.db.read(gc.repository_ids):
+        report.repositories += 1
+        found = await rt.db.read(gc.mark, repository_id, time.time())
+        report.candidates += len(found.candidates)
+        for start in range(0, len(found.candidates), gc.SWEEP_BATCH):
+            batch = found.candidates[start : start + gc.SWEEP_BATCH]
+            count, stored, raw = await rt.db.write(gc.sweep, found, batch, min_age, dry_run=dry_run)
+            report.deleted_records += count
+            report.freed_stored_bytes += stored
+            report.freed_raw_bytes += raw
+            report.kept_young_or_pinned += len(batch) - count
+    if not dry_run:
+        while True:
+            freed = await rt.db.write(gc.vacuum_step)
+            report.vacuumed_pages += freed
+            await trio.to_thread.run_sync(_checkpoint, path)
+            if freed == 0:
+                break
+    report.file_bytes_after = gc.file_bytes(path)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def apply_retention(rt: runtime.Runtime) -> list[dict[str, Any]]:
+    """Apply every enabled retention policy now; the recovery points rolled up."""
+    moment = retention.utc_now()
+    done: list[dict[str, Any]] = []
+    for agent_pk in await rt.db.read(retention.agents_with_policies):
+        points, decisions, _ = await rt.db.read(retention.agent_plan, agent_pk, moment)
+        for point in points:
+            if decisions[point.pk].keep:
+                continue
+            result = await rt.db.write(
+                retention.delete_if_still_planned, agent_pk, point.pk, moment
+            )
+            if result is not None:
+                done.append({"agentPk": agent_pk, **result})
+    return done
+
+
+async def sweep_once(rt: runtime.Runtime) -> dict[str, Any]:
+    """One housekeeping pass: bin purge, retention, then garbage collection if needed."""
+    async with _lock(rt):
+        now = time.time()
+        keep_for = rt.config.recycle_bin.retention_days * recycle_bin.DAY
+        purged = await rt.db.write(recycle_bin.purge_expired, now, keep_for)
+        for entry_id in purged:
+            log.info("recycle bin entry %s purged: its time was up", entry_id)
+        rolled = await apply_retention(rt)
+        for item in rolled:
+            log.info(
+                "retention rolled up recovery point %s (%s)",
+                item["recoveryPointId"],
+                ", ".join(item["volumeImages"]),
+            )
+        report = None
+        if purged or rolled:
+            report = await _collect(rt, dry_run=False)
+            log.info(
+                "garbage collection freed %d records, %d bytes; file %d -> %d bytes",
+                report.deleted_records,
+                report.freed_stored_bytes,
+                report.file_bytes_before,
+                report.file_bytes_after,
+            )
+        await rt.db.write(recycle_bin.recount, None, now)
+        return {
+            "purged": purged,
+            "rolledUp": rolled,
+            "gc": report.as_dict() if report else None,
+        }
+
+
+async def _loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
+    interval = max(MIN_INTERVAL, getattr(rt.config.recycle_bin, "sweep_interval", 3600.0))
+    with scope:
+        while True:
+            await trio.sleep(interval)
+            try:
+                await sweep_once(rt)
+            except Exception:
+                log.exception("housekeeping pass failed")
+
+
+@bp.before_app_serving
+async def _start() -> None:
+    rt = runtime.current()
+    if rt.nursery is None:
+        return
+    scope = trio.CancelScope()
+    rt.extras[SCOPE_KEY] = scope
+    rt.nursery.start_soon(_loop, rt, scope)
+
+
+@bp.after_app_serving
+async def _stop() -> None:
+    scope = runtime.current().extras.pop(SCOPE_KEY, None)
+    if scope is not None:
+        scope.cancel()
