@@ -476,8 +476,11 @@ def consume(
         result.records_stored, result.records_present, result.stored_bytes = _import_records(
             conn, drive, plan.repository_id, now
         )
+        # The images' committed_at is the time of the transaction that adds them (GC's rule
+        # for whatever adds image blocks: store/gc.py).
+        result.consumed_at = time.time()
         with transaction(conn):
-            _finish(conn, drive, plan, result, now)
+            _finish(conn, drive, plan, result, result.consumed_at)
     return result
 
 
