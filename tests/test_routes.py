@@ -79,6 +79,11 @@ def test_every_seed_operation_has_a_route_with_an_access_level(app, method, path
     }, f"{endpoint} declares no access level"
 
 
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
 def test_every_route_is_documented(app):
     text = (ROOT / "docs" / "api.md").read_text()
     prefix = app.extensions["replicore"].config.server.url_prefix + "/replicationcomms/"
@@ -86,7 +91,11 @@ def test_every_route_is_documented(app):
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith(prefix):
             continue
-        documented = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule.removeprefix(prefix))
+        documented = re.sub(
+            r"<(?:\w+:)?(\w+)>",
+            lambda m: "{" + camel(m.group(1)) + "}",
+            rule.rule.removeprefix(prefix),
+        )
         if documented.rstrip("/") not in text:
             missing.append(documented)
     assert not missing, f"routes missing from docs/api.md: {missing}"
