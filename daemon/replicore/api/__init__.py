@@ -18,6 +18,7 @@ from . import (
     integrity,
     jobs,
     metadata,
+    openapi,
     pairing,
     recovery_points,
     relationships,
@@ -46,4 +47,5 @@ BLUEPRINTS: list[Blueprint] = [
     seed_drives.bp,
     direct.bp,
     integrity.bp,
+    openapi.bp,
 ]
