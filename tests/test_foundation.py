@@ -66,7 +66,7 @@ def test_never_seen_certificate_fails_the_handshake(server, make_source):
 
 def test_unknown_route_is_json_404(server):
     with server.client() as client:
-        response = client.get("slave/no/such/thing")
+        response = client.get("nosuch")
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 
