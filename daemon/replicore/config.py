@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,41 @@ class VerifyConfig:
     interval_hours: float = 0.0
 
 
+_CONSOLE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator's web console (console/), served on the API's TLS port under `path`."""
+
+    enabled: bool = True
+    path: str = "/apprecovery/admin"
+    #: Seconds a console login lasts at most, and may stay unused before it ends.
+    session_ttl: float = 8 * 3600.0
+    idle_timeout: float = 1800.0
+    cookie_name: str = "replicore_console"
+    #: Dashboard warnings: a repository this full (percent of its quota); a paired source not
+    #: heard from for this many days.
+    quota_warning_percent: float = 90.0
+    silent_source_days: float = 2.0
+    #: Seconds between samples of the bytes each source stores (the billing chart).
+    usage_sample_interval: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not _CONSOLE_PATH.match(self.path):
+            raise ConfigError("console.path: must be like /apprecovery/admin (no trailing '/')")
+        if not _COOKIE_NAME.match(self.cookie_name):
+            raise ConfigError("console.cookie_name: 1-64 of letters, digits, '_', '-'")
+        for name in ("session_ttl", "idle_timeout", "silent_source_days"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"console.{name}: must be more than 0")
+        if self.usage_sample_interval < 1:
+            raise ConfigError("console.usage_sample_interval: must be at least 1 second")
+        if not 0 < self.quota_warning_percent <= 100:
+            raise ConfigError("console.quota_warning_percent: must be more than 0, at most 100")
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -119,6 +155,7 @@ class Config:
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     #: The file this config was read from, or None for the embedded defaults.
     source: Path | None = None
 
@@ -141,6 +178,7 @@ _SECTIONS: dict[str, type] = {
     "uploads": UploadsConfig,
     "metrics": MetricsConfig,
     "verify": VerifyConfig,
+    "console": ConsoleConfig,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
