@@ -18,6 +18,7 @@ from . import (
     agents,
     audit,
     billing,
+    console_sessions,
     cores,
     direct,
     exchange,
@@ -33,6 +34,7 @@ from . import (
     seed_drives,
     sessions,
     uploads,
+    usage_history,
     verify,
 )
 from .db import transaction
@@ -64,6 +66,8 @@ STEPS: list[Step] = [
             recycle_bin.SCHEMA,
             retention.SCHEMA,
             verify.SCHEMA,
+            console_sessions.SCHEMA,
+            usage_history.SCHEMA,
         ],
     ),
 ]
