@@ -75,3 +75,10 @@ def verify(server: Any, *args: str) -> tuple[int, dict[str, Any]]:
     report: dict[str, Any] = json.loads(result.stdout)
     assert report["clean"] == (result.status == 0)
     return result.status, report
+
+
+def follow(server: Any, *sources: Any) -> None:
+    """After a restart (on a new port), point the sources' saved target at the new URL."""
+    for source in sources:
+        record = json.loads(source.target_path(server.core_id).read_text())
+        source.save_target({**record, "url": server.url})
