@@ -133,6 +133,13 @@ def read_back(conn: apsw.Connection, agent_pk: int, volume: str, epoch: int) -> 
 ADMIN = ("admin", "correct horse battery")
 
 
+def add_admin(server: Any) -> tuple[str, str]:
+    """Create the administrator `ADMIN` on a server made with extra config; return it."""
+    added = server.cli("admin", "add", ADMIN[0], "--password-stdin", stdin=ADMIN[1] + "\n")
+    assert added.status == 0, added.stderr
+    return ADMIN
+
+
 @contextlib.contextmanager
 def module_server(root: Path, extra_toml: str = "") -> Iterator[Any]:
     """A real server (as conftest's `make_server`) with an administrator `ADMIN`, for a
@@ -144,8 +151,7 @@ def module_server(root: Path, extra_toml: str = "") -> Iterator[Any]:
     write_config(config_path, root / "state", extra_toml)
     server = RunningServer(config_path, root / "state", root / "server.log").start()
     try:
-        added = server.cli("admin", "add", ADMIN[0], "--password-stdin", stdin=ADMIN[1] + "\n")
-        assert added.status == 0, added.stderr
+        add_admin(server)
         yield server
     finally:
         if server.proc is not None and server.proc.poll() is None:

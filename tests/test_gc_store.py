@@ -70,6 +70,18 @@ def test_records_no_image_uses_are_collected_and_shared_ones_stay(conn, path):
     assert read_back(conn, db01["id"], "c", 1) == dbs
 
 
+def test_marks_come_in_pages_and_the_collection_goes_through_them_all(conn, path):
+    web01, _, _, _ = two_agents(conn)
+    delete_point(conn, web01["id"], "c", 1)
+    with transaction(conn):
+        first = gc.mark(conn, web01["repository_id"], time.time(), limit=5)
+        rest = gc.mark(conn, web01["repository_id"], time.time(), first.last_id, limit=50)
+    assert len(first.candidates) == 5 and not first.complete
+    assert len(rest.candidates) == 11 and rest.complete
+    report = gc.collect(conn, path, min_age=3600, page=5, batch_size=3)
+    assert report.deleted_records == 16 and report.candidates == 16
+
+
 def test_dry_run_reports_and_changes_nothing(conn, path):
     web01, _, _, _ = two_agents(conn)
     delete_point(conn, web01["id"], "c", 1)

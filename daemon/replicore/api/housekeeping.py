@@ -60,15 +60,22 @@ async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
     min_age = rt.config.replication.session_timeout
     for repository_id in await rt.db.read(gc.repository_ids):
         report.repositories += 1
-        found = await rt.db.read(gc.mark, repository_id, time.time())
-        report.candidates += len(found.candidates)
-        for start in range(0, len(found.candidates), gc.SWEEP_BATCH):
-            batch = found.candidates[start : start + gc.SWEEP_BATCH]
-            count, stored, raw = await rt.db.write(gc.sweep, found, batch, min_age, dry_run=dry_run)
-            report.deleted_records += count
-            report.freed_stored_bytes += stored
-            report.freed_raw_bytes += raw
-            report.kept_young_or_pinned += len(batch) - count
+        after = 0
+        while True:
+            found = await rt.db.read(gc.mark, repository_id, time.time(), after)
+            report.candidates += len(found.candidates)
+            for start in range(0, len(found.candidates), gc.SWEEP_BATCH):
+                batch = found.candidates[start : start + gc.SWEEP_BATCH]
+                count, stored, raw = await rt.db.write(
+                    gc.sweep, found, batch, min_age, dry_run=dry_run
+                )
+                report.deleted_records += count
+                report.freed_stored_bytes += stored
+                report.freed_raw_bytes += raw
+                report.kept_young_or_pinned += len(batch) - count
+            if found.complete:
+                break
+            after = found.last_id
     if not dry_run:
         while True:
             freed = await rt.db.write(gc.vacuum_step)

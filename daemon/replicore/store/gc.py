@@ -42,6 +42,8 @@ from .db import rows, transaction
 
 #: Records deleted per sweep transaction.
 SWEEP_BATCH = 2000
+#: Candidates one mark lists at most (bounds memory; the next mark continues after them).
+MARK_PAGE = 100_000
 #: Pages given back per vacuum transaction (with 16 KiB pages: 64 MiB).
 VACUUM_PAGES = 4096
 #: Seconds an image's `committed_at` may precede the moment its transaction ran (the time is
@@ -58,6 +60,12 @@ class Mark:
     max_image_id: int
     max_binned_image_id: int
     candidates: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+    #: False when more candidates may follow `last_id` (the page was full).
+    complete: bool = True
+
+    @property
+    def last_id(self) -> int:
+        return self.candidates[-1][0] if self.candidates else 0
 
 
 @dataclass
@@ -103,18 +111,27 @@ _REFERENCED = """
 """
 
 
-def mark(conn: apsw.Connection, repository_id: int, now: float) -> Mark:
-    """The repository's unreferenced records (call in one read transaction). The age rule is
-    applied by `sweep` (reading `created_at` walks each record's blob)."""
+def mark(
+    conn: apsw.Connection,
+    repository_id: int,
+    now: float,
+    after_id: int = 0,
+    limit: int = MARK_PAGE,
+) -> Mark:
+    """The repository's unreferenced records with row id above `after_id`, at most `limit`
+    of them in id order (call in one read transaction; `Mark.last_id` continues). The age
+    rule is applied by `sweep` (reading `created_at` walks each record's blob)."""
     max_image = conn.execute("SELECT coalesce(max(id), 0) FROM volume_images").fetchone()[0]
     max_binned = conn.execute("SELECT coalesce(max(id), 0) FROM bin_volume_images").fetchone()[0]
     found = Mark(repository_id, now, int(max_image), int(max_binned))
     for record_id, key, stored, raw in conn.execute(
         "SELECT r.id, r.key, r.stored_length, r.raw_length FROM records r"
-        f" WHERE r.repository_id = :repo {_REFERENCED}",
-        {"repo": repository_id},
+        f" WHERE r.repository_id = :repo AND r.id > :after {_REFERENCED}"
+        " ORDER BY r.id LIMIT :limit",
+        {"repo": repository_id, "after": after_id, "limit": limit},
     ):
         found.candidates.append((record_id, key, stored, raw))
+    found.complete = len(found.candidates) < limit
     return found
 
 
@@ -227,6 +244,7 @@ def collect(
     dry_run: bool = False,
     now: Callable[[], float] = time.time,
     batch_size: int = SWEEP_BATCH,
+    page: int = MARK_PAGE,
 ) -> Report:
     """A whole collection on a connection outside any transaction (the CLI; the daemon runs
     the same steps through its writer). Safe while the daemon runs."""
@@ -237,20 +255,31 @@ def collect(
         targets = repository_ids(conn)
     for repository_id in targets:
         report.repositories += 1
-        conn.execute("BEGIN")
-        try:
-            found = mark(conn, repository_id, now())
-        finally:
-            conn.execute("COMMIT")
-        report.candidates += len(found.candidates)
-        for start in range(0, len(found.candidates), batch_size):
-            batch = found.candidates[start : start + batch_size]
-            with transaction(conn):
-                count, stored, raw = sweep(conn, found, batch, min_age, dry_run=dry_run)
-            report.deleted_records += count
-            report.freed_stored_bytes += stored
-            report.freed_raw_bytes += raw
-            report.kept_young_or_pinned += len(batch) - count
+        after = 0
+        while True:
+            conn.execute("BEGIN")
+            try:
+                found = mark(conn, repository_id, now(), after, page)
+            finally:
+                conn.execute("COMMIT")
+            report.candidates += len(found.candidates)
+            for start in range(0, len(found.candidates), batch_size):
+                batch = found.candidates[start : start + batch_size]
+                # A dry run takes no write lock: its sweep changes only a temp table.
+                conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
+                try:
+                    count, stored, raw = sweep(conn, found, batch, min_age, dry_run=dry_run)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("ROLLBACK" if dry_run else "COMMIT")
+                report.deleted_records += count
+                report.freed_stored_bytes += stored
+                report.freed_raw_bytes += raw
+                report.kept_young_or_pinned += len(batch) - count
+            if found.complete:
+                break
+            after = found.last_id
     if not dry_run:
         while True:
             with transaction(conn):
