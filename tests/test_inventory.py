@@ -10,7 +10,7 @@ import pytest
 
 from datapath_helpers import KIB, DataPathClient, make_image, mutate
 from inventory_helpers import ADMIN, export, module_server, query, snapshot
-from pairing_helpers import pair_by_demand
+from pairing_helpers import pair_by_demand, pairing_body
 from replicore.source import identity
 
 BS = 16 * KIB
@@ -228,6 +228,7 @@ def test_free_space_of_an_agent_reflects_the_quota(shared):
     assert used > 0 and answer["space"]["quotaBytes"] == 10 * 1024 * 1024
     assert answer["freeSpace"] == 10 * 1024 * 1024 - used == answer["space"]["quotaFreeBytes"]
     assert answer["freeSpace"] <= answer["space"]["diskFreeBytes"]
+    assert answer["metadata"] is None  # no metadata update was ever applied
 
 
 def test_status_set_by_the_source_is_shown(server, sources):
@@ -380,3 +381,79 @@ def test_literal_routes_win_and_their_words_are_not_agent_ids(shared):
         assert client.post("slave/agents/request", json=body).status_code == 422
         verdict = client.post("slave/request/agents/verify", json=body)
     assert verdict.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("POST", "slave/agents/request", b"{not json", 400, None),
+        ("POST", "slave/agents/request", b"{}", 422, "agents"),
+        ("POST", "slave/agents/request", b'{"agents": []}', 422, "agents"),
+        (
+            "POST",
+            "slave/agents/request",
+            b'{"agents": [{"agentInfo": {"id": 5}}]}',
+            422,
+            "agents[0].agentInfo.id",
+        ),
+        (
+            "POST",
+            "slave/agents/request",
+            b'{"agents": [{"agentInfo": {"id": "x1"}}, {"agentInfo": {"id": "x1"}}]}',
+            422,
+            "agents[1].agentInfo.id",
+        ),
+        (
+            "POST",
+            "slave/agents/request",
+            b'{"agents": [{"agentInfo": {"id": "x1"}}]}' + b" " * (1024 * 1024),
+            413,
+            None,
+        ),
+        ("POST", "slave/request/agents/verify", b'{"agents": "web01"}', 422, "agents"),
+        ("POST", "slave/request/agents/verify", b"", 400, None),
+        ("PUT", "slave/agents/web01/status", b"[1, 2]", 422, None),
+        ("PUT", "slave/agents/web01/status", b'{"progress": "half"}', 422, "progress"),
+        ("PUT", "slave/cores/agentRepositoryRelationshipsByCoreInfo", b'{"id": ""}', 422, "id"),
+        ("PUT", "slave/cores/agentRepositoryRelationshipsByCoreInfo", b"{", 400, None),
+    ],
+)
+def test_bad_bodies_are_refused_naming_the_field_and_change_nothing(
+    shared, method, path, body, status, field
+):
+    server, (a, _), _ = shared
+    before = snapshot(server)
+    with server.client(a) as client:
+        response = client.request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == status, response.text
+    assert response.json()["message"]
+    if field is not None:
+        assert response.json()["field"] == field
+    assert snapshot(server) == before
+
+
+def test_callers_without_a_paired_certificate_are_refused(shared, make_source):
+    server, _, _ = shared
+    stranger = make_source("stranger")
+    paths = [
+        ("GET", "slave/agents"),
+        ("GET", "slave/agents/web01"),
+        ("DELETE", "slave/agents/web01"),
+        ("GET", "slave/agents/web01/rps"),
+        ("GET", "slave/replicatedagents/rpsinfo"),
+        ("POST", "slave/agents/request"),
+        ("GET", "slave/cores/agentRepositoryRelationships"),
+    ]
+    with server.client() as client:
+        for method, path in paths:
+            assert client.request(method, path).status_code == 401, path
+    with server.client() as client:  # a pending request: known, not paired
+        requested = client.post("slave/pairing/request", json=pairing_body(stranger, ["z1"]))
+        assert requested.status_code == 202
+    with server.client(stranger) as client:
+        assert client.post("slave/pairing/sync").status_code == 200
+        for method, path in paths:
+            response = client.request(method, path)
+            assert response.status_code == 403 and response.json()["state"] == "pending", path

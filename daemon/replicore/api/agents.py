@@ -21,7 +21,7 @@ from quart import Blueprint, g, request
 from .. import auth, runtime
 from ..bodies import Struct, json_body
 from ..errors import NotFound, Unauthorized, Unprocessable
-from ..store import agents, inventory, recycle_bin, repositories, sessions
+from ..store import agents, inventory, metadata, recycle_bin, repositories, sessions
 from ..store.agents import AgentRequest
 from .pairing import AgentInfo
 from .repositories import disk_free, space
@@ -153,6 +153,7 @@ def _one(
         answer["space"] = free_space(conn, agent["repository_id"], free_on_disk)
     else:
         answer["space"] = None
+    answer["metadata"] = metadata.get(conn, agent["id"])
     return answer
 
 
@@ -160,7 +161,8 @@ def _one(
 @auth.paired_source
 async def get_agent(agent_id: str) -> dict[str, Any]:
     """Paired source: its agent, with the free space of its repository (`freeSpace`: the
-    quota left or the disk's free space, whichever is smaller)."""
+    quota left or the disk's free space, whichever is smaller) and its metadata (as the
+    source's last metadata update set it, or null)."""
     return await runtime.current().db.read(_one, g.core, agent_id, disk_free())
 
 
