@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import apsw
 import httpx
-import pytest
 
 from ops_helpers import (
     METRICS_TOML,
@@ -411,20 +409,6 @@ def wait_until_in_flight(sock: Path) -> None:
         time.sleep(0.05)
 
 
-def _data_path_reports_metrics() -> bool:
-    """Whether the record-ingest code calls metrics.record_received yet (it lands apart)."""
-    package = Path(__file__).parent.parent / "daemon" / "replicore"
-    return importlib.util.find_spec("replicore.cli.push") is not None and any(
-        "record_received(" in path.read_text()
-        for path in package.rglob("*.py")
-        if path.name != "metrics.py"
-    )
-
-
-@pytest.mark.skipif(
-    not _data_path_reports_metrics(),
-    reason="the data path does not call metrics.record_received yet",
-)
 def test_metrics_after_a_push_show_the_bytes_pushed(make_server, make_source, tmp_path, capsys):
     from replicore.cli import main as cli_main
 
@@ -453,3 +437,58 @@ def test_metrics_after_a_push_show_the_bytes_pushed(make_server, make_source, tm
     assert records == figures["records_sent"] > 0
     assert 0 < received <= figures["wire_bytes"]
     assert value(after, "replicore_sessions_committed_total") >= 1
+
+
+def _push(server, source, image: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "replicore", "push", "--target", server.url, "--agent", "web01",
+         "--volume", f"vol1={image}", "--dir", str(source.directory), "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_sigterm_during_a_push_commits_nothing_half_done_and_the_push_resumes(
+    make_server, make_source, tmp_path
+):
+    server = make_server(start=False)
+    write_server_config(server, "shutdown_timeout = 1.0")
+    server.start()
+    source = make_source("cut")
+    pair_by_demand(server, source, ["web01"], add_admin(server))
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(6 * 1024 * 1024))
+
+    slow = _push(server, source, image, "--max-rate", "512K", "--streams", "1")
+    try:
+        deadline = time.monotonic() + 60
+        sock = server.state_dir / "control.sock"
+        while control.query(sock)["uploadsInProgress"] < 1:
+            assert slow.poll() is None, slow.communicate()
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+        assert server.stop(timeout=60) == 0
+        assert slow.wait(60) != 0  # cut, not finished
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+        slow.communicate()
+    conn = apsw.Connection(str(server.database_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+    export = tmp_path / "export.img"
+    nothing = server.cli("export", "--agent", "web01", "--volume", "vol1", "-o", str(export))
+    assert nothing.status != 0  # no image became visible half-done
+
+    server.start()  # a new port: point the source's saved target at it
+    record = json.loads(source.target_path(server.core_id).read_text())
+    source.save_target({**record, "url": server.url})
+    again = _push(server, source, image)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, out + err
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["resumed_run"] is True or figures["records_sent"] < 96
+    done = server.cli("export", "--agent", "web01", "--volume", "vol1", "-o", str(export))
+    assert done.status == 0, done.stderr
+    assert export.read_bytes() == image.read_bytes()
