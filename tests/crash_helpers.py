@@ -181,15 +181,7 @@ class Harness:
         self._detect_features()
 
     def _detect_features(self) -> None:
-        from replicore import cli
-
-        names = {m.__name__.rsplit(".", 1)[-1] for m in cli.MODULES}
-        if "bin" not in names:
-            self.skipped["delete"] = "the recycle bin (`replicore bin`) does not exist yet"
-        if "gc" not in names or "bin" not in names:
-            self.skipped["gc"] = "`replicore gc` / `replicore bin purge` do not exist yet"
-        if "seed_drive" not in names:
-            self.skipped["seed"] = "`replicore seed-drive` does not exist yet"
+        self.skipped.update(missing_features())
 
     # ------------------------------------------------------------------ running
 
@@ -569,6 +561,21 @@ class Harness:
             raise HarnessFailure(f"push after the seed drive sent {result['records_sent']}")
         with contextlib.suppress(FileNotFoundError):
             drive.unlink()
+
+
+def missing_features() -> dict[str, str]:
+    """Kill-point kinds whose command does not exist (yet), with why."""
+    from replicore import cli
+
+    names = {m.__name__.rsplit(".", 1)[-1] for m in cli.MODULES}
+    skipped: dict[str, str] = {}
+    if "bin" not in names:
+        skipped["delete"] = "the recycle bin (`replicore bin`) does not exist yet"
+    if "gc" not in names or "bin" not in names:
+        skipped["gc"] = "`replicore gc` / `replicore bin purge` do not exist yet"
+    if "seed_drive" not in names:
+        skipped["seed"] = "`replicore seed-drive` does not exist yet"
+    return skipped
 
 
 def plan_kinds(rng: random.Random, count: int, skipped: dict[str, str]) -> list[str]:
