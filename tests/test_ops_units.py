@@ -200,3 +200,22 @@ def test_example_config_documents_every_option_with_its_default():
         for field in dataclasses.fields(cls):
             assert field.name in documented, f"{section}.{field.name} is not documented"
     assert config_module.parse(tomllib.loads(text)) == config_module.Config()
+
+
+def test_options_documented_as_restart_only_are_kept_by_a_reload():
+    import re
+    from pathlib import Path
+
+    from replicore.cli.serve import RESTART_ONLY
+
+    text = (Path(__file__).parent.parent / "config" / "replicore.toml").read_text()
+    marked = set()
+    for section, block in re.findall(r"(?ms)^\[(\w+)\]$(.*?)(?=^\[|\Z)", text):
+        for comment, option in re.findall(r"(?ms)((?:^# (?!\w+ = ).*\n)+)^# (\w+) = ", block):
+            if "(restart)" in comment:
+                marked.add((section, option))
+    assert marked, "no option is marked (restart)"
+    missing = marked - set(RESTART_ONLY)
+    assert not missing, (
+        f"marked (restart) in config/replicore.toml but not in RESTART_ONLY: {missing}"
+    )

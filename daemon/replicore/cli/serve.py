@@ -56,7 +56,11 @@ RESTART_ONLY = (
     ("server", "db_readers"),
     ("server", "shutdown_timeout"),
     ("server", "backup_dir"),
+    ("server", "max_database_bytes"),
     ("metrics", "listen"),
+    ("console", "enabled"),
+    ("console", "path"),
+    ("console", "usage_sample_interval"),
 )
 
 
@@ -231,6 +235,8 @@ class Daemon:
             return {"reloaded": False, "error": str(error)}
         kept = []
         for section, option in RESTART_ONLY:
+            if not hasattr(getattr(old, section, None), option):
+                continue
             before, after = (
                 getattr(getattr(old, section), option),
                 getattr(getattr(new, section), option),
