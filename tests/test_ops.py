@@ -437,6 +437,14 @@ def test_metrics_after_a_push_show_the_bytes_pushed(make_server, make_source, tm
     assert records == figures["records_sent"] > 0
     assert 0 < received <= figures["wire_bytes"]
     assert value(after, "replicore_sessions_committed_total") >= 1
+    session_id = figures["volumes"][0]["session_id"]
+    uploads = [
+        line for line in log_lines(server) if line.get("endpoint", "").endswith("/records/rawdata")
+    ]
+    assert uploads, "no access line for records/rawdata"
+    for line in uploads:
+        assert (line["agent_id"], line["session_id"]) == ("web01", session_id)
+        assert line["source_core_id"] == source.core_id
 
 
 def _push(server, source, image: Path, *extra: str) -> subprocess.Popen[str]:
