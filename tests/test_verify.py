@@ -59,9 +59,24 @@ def test_corrupt_record_is_forgotten_marked_and_healed_by_the_next_push(
     changed = mutate(image, 4)
     push(paired, server, AGENT, {"vol": image})
     second = sha256(image.read_bytes())
+    singles = query(
+        server,
+        "SELECT min(block_index), key FROM image_blocks WHERE image_id = ? GROUP BY key"
+        " HAVING count(*) = 1 ORDER BY 1",
+        (image_id(server, AGENT, "vol", 1),),
+    )
+    # A block of epoch 1 that epoch 2 overrides: only epoch 1 needs its record.
+    overridden, old_key = next((i, k) for i, k in singles if i in changed)
+    (original,) = query(server, "SELECT data FROM records WHERE key = ?", (old_key,))[0]
+    corrupt_record(server, old_key)
+    status, report = verify(server, "--dry-run")
+    assert status == 1 and [f["key"] for f in report["corrupt"]] == [old_key.hex()]
+    assert [(b["volumeImage"], b["blockIndex"]) for b in report["corrupt"][0]["blocks"]] == [
+        ("vol:1", overridden)
+    ]
+    execute(server, "UPDATE records SET data = ? WHERE key = ?", (original, old_key))
     # A block of epoch 1 that epoch 2 inherits (unchanged), with a record of its own.
-    index, key = single_use_key(server, image_id(server, AGENT, "vol", 1))
-    assert index not in changed
+    index, key = next((i, k) for i, k in singles if i not in changed)
     corrupt_record(server, key)
 
     status, report = verify(server)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -222,14 +222,18 @@ def run(conn: apsw.Connection, plan: Plan) -> Report:
 RecordRow = tuple[int, int, bytes, int, int, bytes]  # id, repository, key, codec, raw, data
 
 
-def _take(cursor: Iterable[Any]) -> list[RecordRow]:
+def _take(cursor: apsw.Cursor) -> list[RecordRow]:
+    """Rows of the cursor up to the read budget; the cursor is closed."""
     taken: list[RecordRow] = []
     budget = 0
-    for found in cursor:
-        taken.append(tuple(found))  # type: ignore[arg-type]
-        budget += len(found[5])
-        if budget >= READ_BUDGET_BYTES or len(taken) >= READ_BUDGET_ROWS:
-            break
+    try:
+        for found in cursor:
+            taken.append(tuple(found))  # type: ignore[arg-type]
+            budget += len(found[5])
+            if budget >= READ_BUDGET_BYTES or len(taken) >= READ_BUDGET_ROWS:
+                break
+    finally:
+        cursor.close()
     return taken
 
 
