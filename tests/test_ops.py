@@ -475,6 +475,8 @@ def test_sigterm_during_a_push_commits_nothing_half_done_and_the_push_resumes(
             assert time.monotonic() < deadline, "the upload never started"
             time.sleep(0.05)
         assert server.stop(timeout=60) == 0
+        if slow.poll() is None:  # still retrying against the stopped target
+            slow.kill()
         assert slow.wait(60) != 0  # cut, not finished
     finally:
         if slow.poll() is None:
