@@ -260,7 +260,9 @@ class DatabaseCollector(Collector):
         if facts is None:
             return
         used = GaugeMetricFamily(
-            "replicore_repository_used_bytes", "Bytes stored in a repository.", labels=["repository"]
+            "replicore_repository_used_bytes",
+            "Bytes stored in a repository.",
+            labels=["repository"],
         )
         free = GaugeMetricFamily(
             "replicore_repository_free_bytes",
