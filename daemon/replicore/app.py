@@ -22,7 +22,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics
+from . import console, logs, metrics
 from .api import BLUEPRINTS
 from .errors import ApiError
 from .runtime import Runtime
@@ -43,6 +43,9 @@ def create_app(runtime: Runtime) -> QuartTrio:
     prefix = runtime.config.server.url_prefix + API_ROOT
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint, url_prefix=prefix)
+    if runtime.config.console.enabled:
+        # The console brings its own template and static folders (the app has none).
+        app.register_blueprint(console.bp, url_prefix=runtime.config.console.path)
 
     rule_prefix = prefix + "/"
 
