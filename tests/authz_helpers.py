@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
 
 from conftest import ADMIN_PASSWORD, ADMIN_USER, RunningServer, write_config
@@ -436,11 +437,34 @@ def build_world(root: Path, server: RunningServer) -> World:
     return World(server, admin, a, b, pending, denied, stranger, root)
 
 
-def snapshot(server: RunningServer) -> dict[str, Any]:
-    """The database without the audit log (failed logins are written there on purpose)."""
-    found = db_snapshot(server)
-    found.pop("audit_log", None)
-    return found
+def snapshot(
+    server: RunningServer, ignore: dict[str, set[str]] | None = None
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (pairing_helpers.db_snapshot) but the audit log (failed
+    logins are written there on purpose), without the columns in `ignore` per table."""
+    if not ignore:
+        found = db_snapshot(server)
+        found.pop("audit_log", None)
+        return found
+    conn = apsw.Connection(str(server.database_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' AND name != 'audit_log' ORDER BY name"
+            )
+        ]
+        result = {}
+        for table in tables:
+            columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+            kept = [c for c in columns if c not in ignore.get(table, set())]
+            names = ", ".join(f'"{c}"' for c in kept)
+            rows = conn.execute(f'SELECT {names} FROM "{table}"')
+            result[table] = sorted(map(tuple, rows), key=repr)
+        return result
+    finally:
+        conn.close()
 
 
 def unknown_values(side: Side) -> dict[str, str]:

@@ -232,6 +232,7 @@ def build(
             + (f"\n\n{spec.note}" if spec.note else ""),
             "security": _security(level, spec.admin_credentials),
             "x-replicore-access": level,
+            "x-replicore-endpoint": endpoint,
             "parameters": [_path_parameter(n, c) for n, c in arguments]
             + [_parameter(q) for q in spec.params],
             "responses": _responses(level, spec, bool(arguments) and level == "paired_source"),
