@@ -118,6 +118,8 @@ class RunningServer:
 
 
 def write_config(path: Path, state_dir: Path, extra: str = "") -> None:
+    if "[metrics]" not in extra:  # every test server its own free metrics port
+        extra += '\n[metrics]\nlisten = "127.0.0.1:0"\n'
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:0"\nstate_dir = "{state_dir}"\n'
         f"shutdown_timeout = 5.0\n{extra}"

@@ -110,14 +110,15 @@ def pair_by_request(
 
 
 def db_snapshot(server: Any) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table of the server's database (for before/after comparisons)."""
+    """Every row of every table of the server's database (for before/after comparisons), but
+    the audit log, which rightly records refused administrator logins."""
     conn = apsw.Connection(str(server.database_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         tables = [
             r[0]
             for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                "AND name NOT LIKE 'sqlite_%' AND name != 'audit_log' ORDER BY name"
             )
         ]
         return {

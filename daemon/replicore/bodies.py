@@ -7,6 +7,7 @@ MAX_CONTENT_LENGTH while buffering, and we check Content-Length first).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TypeVar
 
@@ -35,6 +36,10 @@ def _field_of(message: str) -> str | None:
 async def raw_body(limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
+        # Read (within the app's MAX_CONTENT_LENGTH) what the client is sending anyway, so that
+        # it reads this answer instead of a connection reset.
+        with contextlib.suppress(Exception):
+            await request.get_data(cache=False)
         raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
     data = await request.get_data(cache=False, as_text=False)
     if len(data) > limit:

@@ -21,7 +21,7 @@ from quart import Blueprint, g, request
 from .. import auth, runtime
 from ..bodies import Struct, json_body
 from ..errors import NotFound, Unauthorized, Unprocessable
-from ..store import agents, inventory, metadata, recycle_bin, repositories, sessions
+from ..store import agents, inventory, metadata, recycle_bin, repositories
 from ..store.agents import AgentRequest
 from .pairing import AgentInfo
 from .repositories import disk_free, space
@@ -68,28 +68,19 @@ def own_agent(conn: apsw.Connection, core_pk: int, agent_id: str) -> dict[str, A
 
 
 def free_space(conn: apsw.Connection, repository_id: int, free_on_disk: int) -> dict[str, Any]:
-    """What may still be stored in the repository: the quota left after used bytes and open
-    sessions' reservations, and the disk's free space less every reservation; `freeSpace` is
-    the smaller (`space()` of api/repositories.py gives the quota and used bytes)."""
+    """What may still be stored in the agent's repository (see `space()`); `freeSpace` is the
+    smaller of the quota left and the disk left."""
     repository = repositories.by_id(conn, repository_id)
     room = space(conn, repository, free_on_disk)
-    reserved = sessions.reserved_bytes(conn, repository_id)
-    reserved_everywhere = int(
-        conn.execute("SELECT coalesce(sum(reserved_bytes), 0) FROM sessions").fetchone()[0]
-    )
-    disk_left = max(0, free_on_disk - reserved_everywhere)
-    quota = room["quotaBytes"]
-    quota_left = None if quota is None else max(0, quota - room["usedBytes"] - reserved)
-    free = disk_left if quota_left is None else min(quota_left, disk_left)
     return {
         "repositoryId": repository_id,
         "repositoryName": repository["name"],
-        "quotaBytes": quota,
+        "quotaBytes": room["quotaBytes"],
         "usedBytes": room["usedBytes"],
-        "reservedBytes": reserved,
-        "quotaFreeBytes": quota_left,
-        "diskFreeBytes": disk_left,
-        "freeSpace": free,
+        "reservedBytes": room["reservedBytes"],
+        "quotaFreeBytes": room["quotaFreeBytes"],
+        "diskFreeBytes": room["diskFreeBytes"],
+        "freeSpace": room["freeBytes"],
     }
 
 

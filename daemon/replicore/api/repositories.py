@@ -14,7 +14,7 @@ import apsw
 from quart import Blueprint, g
 
 from .. import auth, runtime
-from ..store import agents, repositories
+from ..store import agents, repositories, sessions
 
 bp = Blueprint("repositories", __name__)
 
@@ -25,15 +25,27 @@ def disk_free() -> int:
 
 
 def space(conn: apsw.Connection, repository: dict[str, Any], free_on_disk: int) -> dict[str, Any]:
-    """`quotaBytes` (None: no quota), `usedBytes`, `freeBytes` (what may still be stored) and
-    `sizeBytes` (the quota, or used plus disk free without one) of a repository row."""
+    """A repository's room: `quotaBytes` (None: no quota), `usedBytes`, `reservedBytes` (open
+    sessions' reservations here), `quotaFreeBytes` (quota left after used and reserved),
+    `diskFreeBytes` (disk free less every session's reservation), `freeBytes` (the smaller:
+    what may still be stored) and `sizeBytes` (the quota, or used plus disk free)."""
     used = repositories.used_bytes(conn, repository["id"])
+    reserved = sessions.reserved_bytes(conn, repository["id"])
+    reserved_everywhere = int(
+        conn.execute("SELECT coalesce(sum(reserved_bytes), 0) FROM sessions").fetchone()[0]
+    )
+    disk_left = max(0, free_on_disk - reserved_everywhere)
     quota = repository["quota_bytes"]
-    if quota is None:
-        free, size = free_on_disk, used + free_on_disk
-    else:
-        free, size = max(0, min(quota - used, free_on_disk)), quota
-    return {"quotaBytes": quota, "usedBytes": used, "freeBytes": free, "sizeBytes": size}
+    quota_left = None if quota is None else max(0, quota - used - reserved)
+    return {
+        "quotaBytes": quota,
+        "usedBytes": used,
+        "reservedBytes": reserved,
+        "quotaFreeBytes": quota_left,
+        "diskFreeBytes": disk_left,
+        "freeBytes": disk_left if quota_left is None else min(quota_left, disk_left),
+        "sizeBytes": used + free_on_disk if quota is None else quota,
+    }
 
 
 def _for_core(conn: apsw.Connection, core_pk: int, free_on_disk: int) -> list[dict[str, Any]]:
