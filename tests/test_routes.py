@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,16 +49,21 @@ def concrete(path: str) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: SAMPLES[m.group(1)], path)
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    state = tmp_path_factory.mktemp("routes")
-    config = parse({"server": {"state_dir": str(state), "listen": "127.0.0.1:0"}})
+def build_app(state_dir: str | Path) -> tuple[Any, Database]:
+    """The real app over a fresh database in state_dir (close the Database after)."""
+    config = parse({"server": {"state_dir": str(state_dir), "listen": "127.0.0.1:0"}})
     core_id, cert, key = prepare_state(config)
     db = Database(config.database_path, readers=1)
     runtime = Runtime(
         config=config, db=db, trust=TrustStore(cert, key), core_id=core_id, server_fingerprint=""
     )
-    yield create_app(runtime)
+    return create_app(runtime), db
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    app, db = build_app(tmp_path_factory.mktemp("routes"))
+    yield app
     db.close()
 
 
@@ -84,6 +90,69 @@ def camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+DOCS = {
+    "discovery": "pairing",
+    "pairing": "pairing",
+    "cores": "pairing",
+    "repositories": "pairing",
+    "agents": "inventory",
+    "recovery_points": "inventory",
+    "relationships": "inventory",
+    "sessions": "datapath",
+    "uploads": "uploads",
+    "exchange": "exchange",
+    "jobs": "jobs",
+    "metadata": "jobs",
+    "storage": "storage",
+    "seed_drives": "seed_drives",
+    "direct": "direct",
+    "openapi": "openapi",
+}
+INDEX_BEGIN, INDEX_END = "<!-- index:begin -->", "<!-- index:end -->"
+
+
+def api_index(app) -> str:
+    """The endpoint table of docs/api.md: method, path, access level, handler, details."""
+    prefix = app.extensions["replicore"].config.server.url_prefix + "/replicationcomms/"
+    lines = [
+        "| method | path | access | handler | details |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    entries = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(prefix):
+            continue
+        view = app.view_functions[rule.endpoint]
+        module = view.__module__.rsplit(".", 1)[-1]
+        path = re.sub(
+            r"<(?:\w+:)?(\w+)>",
+            lambda m: "{" + camel(m.group(1)) + "}",
+            rule.rule.removeprefix(prefix),
+        )
+        access = getattr(view, auth.ACCESS_ATTRIBUTE, "?")
+        doc = DOCS.get(module)
+        details = f"[{doc}](api/{doc}.md)" if doc else ""
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            entries.append(
+                (
+                    path,
+                    method,
+                    f"| {method} | `{path}` | {access} | "
+                    f"`api/{module}.py` `{view.__name__}` | {details} |",
+                )
+            )
+    lines += [line for _, _, line in sorted(entries)]
+    return "\n".join(lines)
+
+
+def test_docs_api_index_matches_the_routes(app):
+    text = (ROOT / "docs" / "api.md").read_text()
+    begin, end = text.index(INDEX_BEGIN) + len(INDEX_BEGIN), text.index(INDEX_END)
+    assert text[begin:end].strip() == api_index(app), (
+        "docs/api.md's endpoint index is stale: run `python tests/test_routes.py --write`"
+    )
+
+
 def test_every_route_is_documented(app):
     text = (ROOT / "docs" / "api.md").read_text()
     prefix = app.extensions["replicore"].config.server.url_prefix + "/replicationcomms/"
@@ -99,3 +168,19 @@ def test_every_route_is_documented(app):
         if documented.rstrip("/") not in text:
             missing.append(documented)
     assert not missing, f"routes missing from docs/api.md: {missing}"
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_routes.py --write   (regenerates docs/api.md's index)")
+    with tempfile.TemporaryDirectory() as state:
+        built, database = build_app(state)
+        index = api_index(built)
+        database.close()
+    docs = ROOT / "docs" / "api.md"
+    text = docs.read_text()
+    begin, end = text.index(INDEX_BEGIN) + len(INDEX_BEGIN), text.index(INDEX_END)
+    docs.write_text(text[:begin] + "\n" + index + "\n" + text[end:])
