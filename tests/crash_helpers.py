@@ -160,23 +160,27 @@ class Harness:
         change_blocks(image, self.rng, 10)
         started = time.monotonic()
         proc = push_process(self.source, self.server, "web01", {"vol": image})
+        epochs = len(self._epochs("web01", "vol"))
         while not self._web01_session_open() and proc.poll() is None:
             time.sleep(0.01)
         opened = time.monotonic()
+        while len(self._epochs("web01", "vol")) == epochs and proc.poll() is None:
+            time.sleep(0.01)
+        committed = time.monotonic()
         _, err = proc.communicate(timeout=300)
         if proc.returncode != 0:
             raise HarnessFailure(f"an uninterrupted push failed: {err.decode()}")
         self.durations["push_start"] = opened - started
-        self.durations["push"] = max(0.05, time.monotonic() - opened)
+        self.durations["push"] = max(0.05, committed - opened)
         self._settle("web01", "vol", sha256(image.read_bytes()))
         # The bulk agent: an image of many small blocks, so a commit has work to do.
         self.bulk = bytes(64 * MIB)
         self._commit_bulk(self.bulk, background=False)
         self.log(
             f"set up: a push of {self.image_mib} MiB opens its session after"
-            f" {self.durations['push_start']:.2f} s and ends {self.durations['push']:.2f} s"
-            f" later; a commit of {len(self.bulk) // COMMIT_BLOCK} blocks takes"
-            f" {self.durations['commit']:.2f} s"
+            f" {self.durations['push_start']:.2f} s and has committed"
+            f" {self.durations['push']:.2f} s later; a commit of"
+            f" {len(self.bulk) // COMMIT_BLOCK} blocks takes {self.durations['commit']:.2f} s"
         )
         self._detect_features()
 
@@ -295,22 +299,45 @@ class Harness:
         return self.spare_agents.pop(0)
 
     def _kill_during(
-        self, proc: subprocess.Popen[bytes], kind: str, working: Callable[[], bool]
+        self,
+        proc: subprocess.Popen[bytes],
+        kind: str,
+        working: Callable[[], bool],
+        *,
+        early: float = 0.0,
+        done: Callable[[], bool] | None = None,
     ) -> tuple[float, bool]:
-        """Wait until the subprocess shows progress (`working()`), then kill it (and the
-        server) at a random moment of the work's expected remaining time, learned from runs
-        that finished first. Returns (seconds from the start to the kill, finished first)."""
+        """Kill the subprocess (and the server) at a random moment of its work: with
+        probability `early` before it shows progress (`working()`), else at a random moment
+        of the expected time from progress to the work being done (`done()`, else the
+        process ending), learned from earlier runs. Returns (seconds from the start to the
+        kill, whether the process had finished first)."""
         started = time.monotonic()
-        while not working() and proc.poll() is None:
-            time.sleep(0.01)
-        seen = time.monotonic()
-        finished = proc.poll() is not None
-        if not finished:
+        finished = False
+        if self.rng.random() < early and f"{kind}_start" in self.durations:
             try:
-                proc.wait(self.rng.uniform(0.0, self.durations.get(kind, 0.5)))
+                proc.wait(self.rng.uniform(0.0, self.durations[f"{kind}_start"]))
                 finished = True
-                self.durations[kind] = max(0.05, time.monotonic() - seen)
             except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        else:
+            while not working() and proc.poll() is None:
+                time.sleep(0.01)
+            seen = time.monotonic()
+            self.durations[f"{kind}_start"] = seen - started
+            deadline = seen + self.rng.uniform(0.0, self.durations.get(kind, 0.5))
+            while time.monotonic() < deadline and proc.poll() is None:
+                if done is not None and done():
+                    self.durations[kind] = max(0.02, time.monotonic() - seen)
+                    done = None
+                time.sleep(0.01)
+            finished = proc.poll() is not None
+            if finished:
+                if done is None or done():
+                    self.durations[kind] = min(
+                        self.durations.get(kind, 0.5), max(0.02, time.monotonic() - seen)
+                    )
+            else:
                 proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic() - started
         self._kill_server()
@@ -332,18 +359,13 @@ class Harness:
         digest = sha256(image.read_bytes())
         before = set(self._epochs("web01", "vol"))
         proc = push_process(self.source, self.server, "web01", {"vol": image})
-        if self.rng.random() < 0.15:  # now and then before the session is opened
-            point.delay = self.rng.uniform(0.0, self.durations["push_start"])
-            finished = False
-            try:
-                proc.wait(point.delay)
-                finished = True
-            except subprocess.TimeoutExpired:
-                pass
-            self._kill_server()
-            proc.communicate(timeout=120)
-        else:
-            point.delay, finished = self._kill_during(proc, "push", self._web01_session_open)
+        point.delay, finished = self._kill_during(
+            proc,
+            "push",
+            self._web01_session_open,
+            early=0.15,
+            done=lambda: len(self._epochs("web01", "vol")) > len(before),
+        )
         self._restart()
         committed = set(self._epochs("web01", "vol")) - before
         sessions = query(
@@ -496,7 +518,7 @@ class Harness:
             env={k: v for k, v in os.environ.items() if k != "REPLICORE_CONFIG"},
         )
         point.delay, finished = self._kill_during(
-            proc, "gc", lambda: 0 <= self._count("SELECT count(*) FROM records") < before
+            proc, "gc", lambda: 0 <= self._count("SELECT count(*) FROM records") < before, early=0.2
         )
         self._restart()
         after = query(self.server, "SELECT count(*) FROM records")[0][0]
@@ -525,6 +547,7 @@ class Harness:
             self.source, agent, {"vol": image}, drive, "--target", self.server.url
         )
         before = query(self.server, "SELECT count(*) FROM records")[0][0]
+        drives = query(self.server, "SELECT count(*) FROM seed_drives")[0][0]
         command = [sys.executable, "-m", "replicore", "seed-drive", "consume", str(drive)]
         proc = subprocess.Popen(
             [*command, "--json", "--config", str(self.server.config_path)],
@@ -533,7 +556,11 @@ class Harness:
             env={k: v for k, v in os.environ.items() if k != "REPLICORE_CONFIG"},
         )
         point.delay, finished = self._kill_during(
-            proc, "seed", lambda: self._count("SELECT count(*) FROM records") > before
+            proc,
+            "seed",
+            lambda: self._count("SELECT count(*) FROM records") > before,
+            early=0.3,
+            done=lambda: self._count("SELECT count(*) FROM seed_drives") > drives,
         )
         self._restart()
         consumed = query(
