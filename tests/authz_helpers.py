@@ -268,12 +268,15 @@ sweep_interval = 86400.0
 
 
 @contextlib.contextmanager
-def module_server(root: Path, extra_toml: str = "") -> Iterator[RunningServer]:
-    """A started server in `root` for a whole test module; killed at the end."""
+def module_server(
+    root: Path, extra_toml: str = "", env: dict[str, str] | None = None
+) -> Iterator[RunningServer]:
+    """A started server in `root` for a whole test module (`env` added to its
+    environment); killed at the end."""
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "replicore.toml"
     write_config(config_path, root / "state", extra_toml)
-    server = RunningServer(config_path, root / "state", root / "server.log")
+    server = RunningServer(config_path, root / "state", root / "server.log", extra_env=env or {})
     server.start()
     try:
         yield server

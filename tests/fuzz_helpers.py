@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -298,6 +298,7 @@ class Fuzzer:
             database=None,
             phases=[Phase.generate],
             suppress_health_check=list(HealthCheck),
+            verbosity=Verbosity.quiet,
         )
         @given(case=operation.as_strategy(generation_mode=mode), real=st.booleans())
         def run(case: Any, real: bool) -> None:
