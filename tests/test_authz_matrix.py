@@ -595,6 +595,31 @@ def test_operator_commands_are_audited_and_listed_since(world):
     assert table.status == 0 and "pairing.deny" in table.stdout and "admin.add" not in table.stdout
 
 
+def test_inventory_and_maintenance_commands_are_audited(world):
+    server = world.server
+    last = max((e["id"] for e in audit_entries(world)), default=0)
+    for args in (
+        ("agents", "pause", world.b.agent),
+        ("agents", "resume", world.b.agent),
+        ("retention", "set", "--agent", world.b.agent, "--daily", "7"),
+        ("retention", "set", "--agent", world.b.agent, "--inherit"),
+        ("verify", "--agent", world.b.agent),
+        ("gc",),
+    ):
+        result = server.cli(*args)
+        assert result.status == 0, (args, result.stderr)
+    actions = [(e["action"], e["target"]) for e in audit_entries(world) if e["id"] > last]
+    who = f"agent {world.b.agent} of source {world.b.core_id}"
+    assert actions == [
+        ("agent.pause", who),
+        ("agent.resume", who),
+        ("retention.set", f"agent {world.b.agent}"),
+        ("retention.set", f"agent {world.b.agent}"),
+        ("verify.run", world.b.agent),
+        ("gc.run", ""),
+    ]
+
+
 def test_audit_since_takes_durations_and_iso_times_and_refuses_others(world):
     assert world.server.cli("audit", "--since", "2h").status == 0
     assert world.server.cli("audit", "--since", "2026-01-01T00:00:00Z").status == 0

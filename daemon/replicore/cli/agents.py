@@ -18,7 +18,7 @@ from typing import Any
 
 import apsw
 
-from ..store import inventory, recycle_bin
+from ..store import audit, inventory, recycle_bin
 from ..store.db import transaction
 from .common import add_config_option, database, format_size, print_json, print_table
 
@@ -139,10 +139,15 @@ def _one(conn: apsw.Connection, args: argparse.Namespace) -> dict[str, Any]:
     return inventory.one_agent(conn, args.agent, args.source)
 
 
+def _who(agent: dict[str, Any]) -> str:
+    return f"agent {agent['agent_id']} of source {agent['source_core_id']}"
+
+
 def _set_pause(args: argparse.Namespace, paused: bool) -> int:
     with database(args) as conn, transaction(conn):
         agent = _one(conn, args)
         inventory.set_operator_pause(conn, agent["id"], paused)
+        audit.command(conn, "agent.pause" if paused else "agent.resume", _who(agent))
     word = "paused" if paused else "resumed"
     print(f"{word} agent {agent['agent_id']} of source {agent['source_core_id']}")
     return 0
@@ -162,6 +167,7 @@ def delete(args: argparse.Namespace) -> int:
         done = recycle_bin.bin_agent(
             conn, agent["id"], reason="operator", deleted_by=operator_name(), now=time.time()
         )
+        audit.command(conn, "agent.delete", _who(agent), binEntry=done["entryId"])
     what = f"agent {agent['agent_id']} of source {agent['source_core_id']}"
     if done["entryId"] is None:
         print(f"deleted {what} (it had no recovery points)")
@@ -177,6 +183,7 @@ def approve(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         agent = _one(conn, args)
         done = inventory.approve_agent(conn, agent["id"], args.repository, time.time())
+        audit.command(conn, "agent.approve", _who(agent), repository=done["repositoryName"])
     print(
         f"approved agent {done['agentId']} of source {agent['source_core_id']}"
         f" into repository {done['repositoryName']}"
@@ -188,5 +195,6 @@ def deny(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         agent = _one(conn, args)
         inventory.deny_agent(conn, agent["id"])
+        audit.command(conn, "agent.deny", _who(agent))
     print(f"denied agent {agent['agent_id']} of source {agent['source_core_id']}")
     return 0

@@ -12,7 +12,7 @@ import argparse
 import time
 from typing import Any
 
-from ..store import recycle_bin
+from ..store import audit, recycle_bin
 from ..store.db import transaction
 from . import gc as gc_command
 from .agents import when
@@ -121,6 +121,7 @@ def show(args: argparse.Namespace) -> int:
 def restore(args: argparse.Namespace) -> int:
     with database(args) as conn, transaction(conn):
         done = recycle_bin.restore(conn, args.entry, time.time())
+        audit.command(conn, "bin.restore", f"entry {args.entry}", agentId=done["agentId"])
     into = " into the agent the source added again" if done["mergedIntoLiveAgent"] else ""
     print(
         f"restored agent {done['agentId']} of source {done['sourceCoreId']} with"
@@ -148,6 +149,7 @@ def purge(args: argparse.Namespace) -> int:
                 recycle_bin.get(conn, entry_id)  # all or nothing: NotFound names the entry
         for entry_id in ids:
             purged.append(recycle_bin.purge(conn, entry_id, now))
+        audit.command(conn, "bin.purge", ",".join(map(str, ids)) or "-", entries=len(ids))
     for done in purged:
         print(
             f"purged entry {done['entryId']}: agent {done['agentId']} of source"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..store import gc
+from ..store import audit, gc
 from .common import add_config_option, database, format_size, load_config, print_json
 
 
@@ -51,12 +51,15 @@ def print_report(report: gc.Report) -> None:
 def collect(args: argparse.Namespace, dry_run: bool) -> gc.Report:
     config = load_config(args)
     with database(args) as conn:
-        return gc.collect(
+        report = gc.collect(
             conn,
             config.database_path,
             min_age=config.replication.session_timeout,
             dry_run=dry_run,
         )
+        if not dry_run:
+            audit.command_done(conn, "gc.run", deletedRecords=report.deleted_records)
+        return report
 
 
 def run(args: argparse.Namespace) -> int:

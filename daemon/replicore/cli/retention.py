@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ..store import inventory, retention
+from ..store import audit, inventory, retention
 from ..store.db import rows, transaction
 from . import gc as gc_command
 from .agents import operator_name
@@ -217,6 +217,8 @@ def set_(args: argparse.Namespace) -> int:
             retention.set_policy(
                 conn, None if agent is None else agent["id"], policy, time.time(), operator_name()
             )
+        target = "default" if agent is None else f"agent {agent['agent_id']}"
+        audit.command(conn, "retention.set", target, inherit=args.inherit, enabled=policy.enabled)
     if agent is None:
         print(f"default policy: {_describe(policy)}")
     else:
@@ -246,6 +248,10 @@ def apply(args: argparse.Namespace) -> int:
                 )
             }
         done = retention.apply_sync(conn, targets, moment, dry_run=args.dry_run)
+        if not args.dry_run:
+            audit.command_done(
+                conn, "retention.apply", f"{len(targets)} agents", rolledUp=len(done)
+            )
     if args.json:
         print_json(done)
     else:

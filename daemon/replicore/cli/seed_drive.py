@@ -19,7 +19,7 @@ from ..errors import ApiError
 from ..protocol import DEFAULT_BLOCK_SIZE
 from ..seed_drive import DriveError
 from ..source import seed_drive as source_drives
-from ..store import seed_drives
+from ..store import audit, seed_drives
 from .common import (
     add_config_option,
     database,
@@ -178,6 +178,10 @@ def run_consume(args: argparse.Namespace) -> int:
             result = seed_drives.consume(conn, args.drive, args.repository)
         except (DriveError, ApiError) as error:
             return _refused("consume", DriveError(f"refused: {_message(error)}"))
+        if not result.already_consumed:
+            audit.command_done(
+                conn, "seed_drive.consume", result.drive_id, repository=result.repository
+            )
     if args.json:
         print(json.dumps(result.__dict__, separators=(",", ":")))
         return 0

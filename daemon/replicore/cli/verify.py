@@ -17,7 +17,7 @@ from typing import Any
 
 import apsw
 
-from ..store import verify
+from ..store import audit, verify
 from ..store.db import rows
 from .common import CommandError, add_config_option, database, format_size
 
@@ -124,6 +124,8 @@ def run_verify(args: argparse.Namespace) -> int:
     with database(args) as conn:
         scope = resolve_scope(conn, args.agent, args.source)
         report = verify.run(conn, verify.plan(scope, dry_run=args.dry_run))
+        if not args.dry_run:
+            audit.command_done(conn, "verify.run", str(args.agent or "all"), clean=report.clean)
     if args.json:
         print(json.dumps(report.as_json(), separators=(",", ":")))
     else:

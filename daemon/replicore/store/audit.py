@@ -21,7 +21,7 @@ from typing import Any
 
 import apsw
 
-from .db import rows
+from .db import rows, transaction
 
 SCHEMA = """
 CREATE TABLE audit_log (
@@ -80,6 +80,17 @@ def record(
         ),
     )
     return conn.last_insert_rowid()
+
+
+def command(conn: apsw.Connection, action: str, target: str = "", **details: Any) -> int:
+    """The row of an operator command (actor `cli_actor()`), in the command's transaction."""
+    return record(conn, cli_actor(), action, target, details=details)
+
+
+def command_done(conn: apsw.Connection, action: str, target: str = "", **details: Any) -> int:
+    """The same in a transaction of its own, for a command that ran its own transactions."""
+    with transaction(conn):
+        return command(conn, action, target, **details)
 
 
 def entries(
