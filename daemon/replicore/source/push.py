@@ -50,9 +50,9 @@ PREFETCH_CHUNKS = 2
 #: Key entries of the first batch; later batches double up to LAST_KEYS_BATCH, so sending
 #: starts early and large images still need few requests.
 FIRST_KEYS_BATCH = 512
+LAST_KEYS_BATCH = 16384
 #: Threads hashing one chunk (BLAKE3 releases the GIL).
 HASH_THREADS = 2
-LAST_KEYS_BATCH = 16384
 #: Raw bytes of records in one rawdata request (its body is at most this plus headers).
 RECORDS_BATCH_BYTES = 4 * 1024 * 1024
 #: With --max-rate, a rawdata request carries about this many seconds of sending, so that an
@@ -193,6 +193,11 @@ class _Pipeline:
         )
         self.checksum = protocol.KeyListChecksum()
         self.key_count = 0
+        # Keys of the records queued or being sent: a key the target lists again while its
+        # record is on the way (it repeats in the image) is not sent twice.  Bounded by the
+        # send queue, not by the image.
+        self.in_flight: set[bytes] = set()
+        self.in_flight_lock = threading.Lock()
         self.path = push.session_path
         self.batch_bytes = push.run.records_batch_bytes
 
@@ -288,7 +293,7 @@ class _Pipeline:
             self._put(self.keys_queue, batch)
         self._put(self.keys_queue, None)
 
-    def _negotiate(self, batch: list[protocol.KeyEntry], seen: set[bytes]) -> None:
+    def _negotiate(self, batch: list[protocol.KeyEntry]) -> None:
         answer = self.client.request(
             "POST", f"{self.path}/records/keys", content=protocol.encode_keys(batch)
         )
@@ -310,9 +315,11 @@ class _Pipeline:
                 )
             entry = batch[pos]
             pos += 1
-            if entry.key not in seen:  # an identical block is already on its way
-                seen.add(entry.key)
-                wanted.append(entry)
+            with self.in_flight_lock:
+                if entry.key in self.in_flight:  # an identical block is on its way
+                    continue
+                self.in_flight.add(entry.key)
+            wanted.append(entry)
         missing_bytes = sum(e.length for e in wanted)
         self.stats.add(missing_blocks=len(missing), missing_bytes=missing_bytes)
         self.counters.add(missing_bytes=missing_bytes)
@@ -375,16 +382,18 @@ class _Pipeline:
             self.counters.add(
                 records_sent=len(item), raw_bytes_sent=raw_bytes, bytes_sent=payload_bytes
             )
+            # Stored now: the target no longer lists these keys as missing.
+            with self.in_flight_lock:
+                self.in_flight.difference_update(entry.key for entry in item)
 
     # -- the pass ----------------------------------------------------------------------
 
     def run(self) -> tuple[int, str]:
         threads = [self._thread(self._hasher, "push-hasher")]
         threads += [self._thread(self._sender, f"push-sender-{n}") for n in range(self.streams)]
-        seen: set[bytes] = set()
         try:
             while (batch := self._get(self.keys_queue)) is not None:
-                self._negotiate(batch, seen)
+                self._negotiate(batch)
             for _ in range(self.streams):
                 self._put(self.send_queue, None)
             for thread in threads:
@@ -607,6 +616,8 @@ def push(options: PushOptions) -> dict[str, Any]:
             wire = client.counter
     except (ImageError, StateError, TransportError) as exc:
         raise PushError(str(exc)) from None
+    except OSError as exc:
+        raise PushError(f"{exc.filename or 'I/O'}: {exc.strerror or exc}") from None
     finally:
         if display is not None:
             display.stop()
