@@ -7,19 +7,25 @@ job driven through the API as a source's job would be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from html import unescape
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
 
 from datapath_helpers import DataPathClient
+from pairing_helpers import pairing_body, save_target
 from replicore.source import connection
 
 CONSOLE_PATH = "/apprecovery/admin"
@@ -145,6 +151,64 @@ def push_image(
             timestamp=timestamp,
         )
     return pushed.commit
+
+
+def named_source(make_source: Any, name: str, host_name: str) -> Any:
+    """A new source identity that calls itself `host_name` (identities take the machine's
+    host name; the pages show the source's)."""
+    return dataclasses.replace(make_source(name), host_name=host_name)
+
+
+def pair_customer(
+    server: Any,
+    source: Any,
+    agents: list[str],
+    admin: tuple[str, str],
+    customer_id: str,
+    email: str,
+) -> dict[str, Any]:
+    """Pair `source` by demand with a customer id and e-mail (its own new repository)."""
+    body = pairing_body(source, agents, customer_id=customer_id, email=email)
+    with server.client() as client:
+        answer = client.post("slave/pairing/demand", json=body, auth=admin)
+    assert answer.status_code == 200, answer.text
+    paired: dict[str, Any] = answer.json()
+    save_target(server, source, paired)
+    return paired
+
+
+def iso_ago(seconds: float) -> str:
+    """An ISO 8601 UTC timestamp `seconds` before now (for recovery points)."""
+    return datetime.fromtimestamp(time.time() - seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def seed_usage_history(server: Any, days: int = 30) -> None:
+    """Write a made-up history of daily usage samples, growing to each source's latest real
+    sample, into the server's database (for a screenshot of the billing chart only: a test
+    run lasts a minute, the chart shows weeks)."""
+    conn = apsw.Connection(str(server.database_path))
+    conn.set_busy_timeout(15_000)
+    try:
+        latest = list(
+            conn.execute(
+                "SELECT core_pk, customer_id, stored_bytes, max(at) FROM usage_samples"
+                " GROUP BY core_pk"
+            )
+        )
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        for index, (core_pk, customer_id, stored, _) in enumerate(latest):
+            for day in range(days, 0, -1):
+                growth = 0.35 + 0.65 * (days - day) / days
+                wobble = 1 + 0.04 * math.sin(day * (index + 1.3))
+                conn.execute(
+                    "INSERT OR IGNORE INTO usage_samples(core_pk, at, customer_id, stored_bytes)"
+                    " VALUES (?, ?, ?, ?)",
+                    (core_pk, now - day * 86400.0, customer_id, int(stored * growth * wobble)),
+                )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------

@@ -22,7 +22,13 @@ PAGE_POINTS = 200
 
 
 def _agents(conn: apsw.Connection) -> dict[str, Any]:
-    found = inventory.find_agents(conn)
+    """Agents of paired (or once paired) sources, and any agent holding recovery points; the
+    agents of undecided pairing requests are on the pairing page."""
+    found = [
+        a
+        for a in inventory.find_agents(conn)
+        if a["source_state"] in ("approved", "unpaired") or a["recovery_point_count"]
+    ]
     orphaned = Counter(o["agent_pk"] for o in overview.orphaned_images(conn))
     damaged = Counter(d["agentId"] + "\0" + d["sourceCoreId"] for d in verify.damaged_images(conn))
     for agent in found:

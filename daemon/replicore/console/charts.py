@@ -46,9 +46,8 @@ class Chart:
 
 
 def downsample(points: list[list[float]], since: float, until: float) -> list[list[float]]:
-    """At most MAX_POINTS points: the last of each of MAX_POINTS equal time buckets."""
-    if len(points) <= MAX_POINTS:
-        return points
+    """At most MAX_POINTS + 1 points: the last of each of MAX_POINTS equal time buckets (what
+    the chart's resolution can show; samples taken seconds apart collapse into one)."""
     span = (until - since) / MAX_POINTS or 1.0
     buckets: dict[int, list[float]] = {}
     for point in points:
@@ -102,7 +101,7 @@ def line_chart(
 
     tick = 0.0
     while tick <= y_max + step / 2:
-        chart.y_ticks.append((y(tick), size(tick) if tick else "0"))
+        chart.y_ticks.append((y(tick), size(tick).replace(".0 ", " ") if tick else "0"))
         tick += step
     time_step = next((s for s in _TIME_STEPS if span / s <= 7), _TIME_STEPS[-1])
     first = math.ceil(since / time_step) * time_step

@@ -10,16 +10,22 @@ from .web import bp, forget_notices, who
 
 
 async def _login_form(
-    status: int = 200, error: str = "", user: str = "", retry_after: int = 0
+    status: int = 200,
+    error: str = "",
+    user: str = "",
+    retry_after: int = 0,
+    next_target: str | None = None,
 ) -> Response:
     config = runtime.current().config.console
+    if next_target is None:
+        next_target = request.args.get("next")
     token = security.new_token()
     html = await render_template(
         "console/login.html",
         login_token=token,
         error=error,
         user=user,
-        next=security.safe_next(request.args.get("next"), config) or "",
+        next=security.safe_next(next_target, config) or "",
         expired=request.args.get("expired") == "1",
     )
     response = Response(html, status=status, content_type="text/html; charset=utf-8")
@@ -43,18 +49,23 @@ async def login_post() -> Response:
     config = runtime.current().config.console
     form = await request.form
     cookie = request.cookies.get(security.login_cookie_name(config), "")
+    next_target = str(form.get("next", ""))
     if not cookie or not security.same(form.get("login_token"), cookie):
         return await _login_form(
-            403, "The login form expired or came from elsewhere. Please try again."
+            403,
+            "The login form expired or came from elsewhere. Please try again.",
+            next_target=next_target,
         )
     user = str(form.get("user", "")).strip()[:64]
     password = str(form.get("password", ""))[:1024]
     try:
         admin = await security.check_login(user, password)
     except security.LoginRefused as refused:
-        return await _login_form(refused.status, refused.message, user, refused.retry_after)
+        return await _login_form(
+            refused.status, refused.message, user, refused.retry_after, next_target
+        )
     token = await security.start_session(admin)
-    target = security.safe_next(str(form.get("next", "")), config)
+    target = security.safe_next(next_target, config)
     response = redirect(target or url_for("console.dashboard"), 303)
     security.set_session_cookie(response, config, token)
     security.clear_login_cookie(response, config)

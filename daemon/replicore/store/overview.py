@@ -100,10 +100,16 @@ def orphaned_images(conn: apsw.Connection) -> list[dict[str, Any]]:
 
 
 def agent_counts(conn: apsw.Connection) -> dict[str, int]:
-    """Agents by state (pending, approved, denied), and `paused` (approved agents paused by
-    the operator, by themselves or through their source)."""
+    """Agents of paired sources by state (pending: added by the source, awaiting the
+    operator; approved; denied), and `paused` (approved agents paused by the operator, by
+    themselves or through their source). Agents of undecided pairing requests are not
+    counted (they are part of their request)."""
     counts = {"pending": 0, "approved": 0, "denied": 0, "paused": 0}
-    for r in rows(conn, "SELECT state, count(*) AS n FROM agents GROUP BY state"):
+    for r in rows(
+        conn,
+        "SELECT a.state, count(*) AS n FROM agents a JOIN master_cores c ON c.id = a.core_pk"
+        " WHERE c.state = 'approved' GROUP BY a.state",
+    ):
         counts[r["state"]] = int(r["n"])
     paused = conn.execute(
         "SELECT count(*) FROM agents a JOIN master_cores c ON c.id = a.core_pk"

@@ -34,8 +34,8 @@ KEEP_SECONDS = 2 * 366 * 86400.0
 
 
 def measure(conn: apsw.Connection) -> list[dict[str, Any]]:
-    """Per source core that has (or had) agents in a repository: `core_pk`, `customer_id`,
-    `stored_bytes` now."""
+    """Per source core that is paired or has agents in a repository: `core_pk`,
+    `customer_id`, `stored_bytes` now (0 for a source whose agents are all in the bin)."""
     per_agent, _ = billing.stored_bytes(conn)
     owner = {
         r["id"]: r["core_pk"]
@@ -53,8 +53,9 @@ def measure(conn: apsw.Connection) -> list[dict[str, Any]]:
         }
         for core in rows(
             conn,
-            "SELECT id, customer_id FROM master_cores c WHERE EXISTS (SELECT 1 FROM agents a"
-            " WHERE a.core_pk = c.id AND a.repository_id IS NOT NULL) ORDER BY id",
+            "SELECT id, customer_id FROM master_cores c WHERE c.state = 'approved'"
+            " OR EXISTS (SELECT 1 FROM agents a WHERE a.core_pk = c.id"
+            " AND a.repository_id IS NOT NULL) ORDER BY id",
         )
     ]
 
