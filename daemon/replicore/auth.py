@@ -148,7 +148,7 @@ async def _login_lock(rt: runtime.Runtime, address: str) -> AsyncIterator[None]:
 async def _audit_login(user: str, outcome: str, address: str) -> None:
     """Write the audit row of an administrator login (never the password); a failure to
     write it is logged and does not change the answer."""
-    details = {"method": request.method, "path": request.path}
+    details = {"method": request.method, "path": request.path[: audit.MAX_TEXT]}
     try:
         await runtime.current().db.write(
             audit.record,
