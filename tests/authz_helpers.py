@@ -264,6 +264,9 @@ session_timeout = 86400.0
 
 [recycle_bin]
 sweep_interval = 86400.0
+
+[console]
+usage_sample_interval = 864000.0
 """
 
 
