@@ -95,6 +95,18 @@ def proc_cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of the process: (ns on a CPU, ns waiting on a run queue)."""
+    found: dict[int, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu, waiting, _ = Path(task, "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        found[int(task.name)] = (int(on_cpu), int(waiting))
+    return found
+
+
 def reset_hwm(pid: int) -> bool:
     try:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -183,14 +195,19 @@ class Load:
             "[metrics]\n"
             'listen = ""\n'
             "[log]\n"
-            'level = "warning"\n'
+            'level = "info"\n'
         )
         log_file = (self.work / "server.log").open("ab")
+        env = dict(os.environ)
+        for setting in self.args.server_env:
+            name, _, value = setting.partition("=")
+            env[name] = value
         self.server = subprocess.Popen(
             self.replicore("serve", "--config", str(self.config)),
             stdout=log_file,
             stderr=log_file,
             cwd=self.work,
+            env=env,
         )
         info = self.state / "daemon.json"
         deadline = time.monotonic() + 60
@@ -282,6 +299,8 @@ class Load:
                 AGENT,
                 "--volume",
                 f"{VOLUME}={source / 'disk.img'}",
+                "--streams",
+                str(self.args.streams),
                 "--json",
             ),
             niced=True,
@@ -331,11 +350,14 @@ class Load:
         ]
         rss_peak = 0
         stop_sampling = threading.Event()
+        first = thread_schedstats(pid)
+        last: dict[int, tuple[int, int]] = dict(first)
 
         def sample() -> None:
             nonlocal rss_peak
             while not stop_sampling.wait(0.25):
                 rss_peak = max(rss_peak, proc_status_kib(pid, "VmRSS"))
+                last.update(thread_schedstats(pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         results: list[dict[str, Any]] = []
@@ -373,8 +395,37 @@ class Load:
         summary["server_peak_rss_mib"] = round(proc_status_kib(pid, "VmHWM") / 1024, 1)
         summary["server_peak_rss_is_since_start"] = not hwm_reset
         summary["server_sampled_peak_rss_mib"] = round(rss_peak / 1024, 1)
+        on_cpu = waiting = 0
+        for tid, (cpu_ns, wait_ns) in last.items():
+            cpu0, wait0 = first.get(tid, (0, 0))
+            on_cpu += cpu_ns - cpu0
+            waiting += wait_ns - wait0
+        summary["server_threads_on_cpu_s"] = round(on_cpu / 1e9, 1)
+        summary["server_threads_runqueue_wait_s"] = round(waiting / 1e9, 1)
         summary["control"] = self.control_summary(outs)
+        summary["control_server_side"] = self.server_side(until - self.args.seconds, until)
+        summary["load_average"] = os.getloadavg()
         return summary
+
+    def server_side(self, start: float, end: float) -> dict[str, Any]:
+        """Latency of the control endpoints as the server measured it (its access log: from
+        the request's arrival to its last response byte), during the load."""
+        wanted = {p.split("?")[0] for p in CONTROL}
+        ms: list[float] = []
+        for line in (self.work / "server.log").read_text().splitlines():
+            if '"replicore.access"' not in line:
+                continue
+            entry = json.loads(line)
+            endpoint = entry.get("endpoint", "").replace("<agent_id>", "{agent}")
+            endpoint = endpoint.replace("<skip_count>", "0").replace("<max_count>", "10")
+            if endpoint in wanted and entry.get("method") == "GET":
+                ms.append(float(entry["duration_ms"]))
+        return {
+            "requests": len(ms),
+            "p50_ms": round(percentile(ms, 50), 1),
+            "p99_ms": round(percentile(ms, 99), 1),
+            "max_ms": round(max(ms), 1) if ms else 0.0,
+        }
 
     # -- figures -------------------------------------------------------------------------
 
@@ -443,8 +494,12 @@ def table(report: dict[str, Any]) -> str:
         f" {load['image_mib_s']} MiB/s of image, {load['wire_mib_s']} MiB/s on the wire;"
         f" push wall p50 {load['push_wall_s_p50']} s p99 {load['push_wall_s_p99']} s",
         f"control: {control['requests']} requests, {control['errors']} errors,"
-        f" p50 {control['p50_ms']} ms, p99 {control['p99_ms']} ms, max {control['max_ms']} ms",
-        f"server: {load['server_cpu_s']} CPU s ({load['server_cpu_share']} cores),"
+        f" p50 {control['p50_ms']} ms, p99 {control['p99_ms']} ms, max {control['max_ms']} ms"
+        f" (server side: p50 {load['control_server_side']['p50_ms']} ms,"
+        f" p99 {load['control_server_side']['p99_ms']} ms); load average"
+        f" {', '.join(f'{x:.1f}' for x in load['load_average'])}",
+        f"server: {load['server_cpu_s']} CPU s ({load['server_cpu_share']} cores), its threads"
+        f" waited {load['server_threads_runqueue_wait_s']} s for a CPU;"
         f" peak RSS {load['server_peak_rss_mib']} MiB during the load",
         "",
         f"{'endpoint':<52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
@@ -475,7 +530,15 @@ def main() -> int:
     parser.add_argument(
         "--client-nice", type=int, default=10, help="niceness of the push and mutate processes"
     )
+    parser.add_argument("--streams", type=int, default=4, help="push --streams (default 4)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per command")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the server process (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--results", type=Path, help="also write the JSON report here")
     args = parser.parse_args()
@@ -491,10 +554,12 @@ def main() -> int:
         seeding = bench.seed()
         loaded = bench.load()
         report = {
+            "server_env": args.server_env,
             "sources": args.sources,
             "readers": args.readers,
             "size_mib": args.size_mib,
             "mutate_percent": args.mutate,
+            "streams": args.streams,
             "client_nice": args.client_nice,
             "cpus": os.cpu_count(),
             "seeding": seeding,
