@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from ops_helpers import NotifySocket, value
+from replicore.source import connection
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "dist" / "replicore"
@@ -44,7 +45,9 @@ os.execvp(sys.argv[1], sys.argv[1:])
 def _sources_newer_than(path: Path) -> bool:
     built = path.stat().st_mtime
     inputs = [ROOT / "pyproject.toml", ROOT / "packaging" / "replicore.spec"]
-    inputs += (ROOT / "daemon" / "replicore").rglob("*.py")
+    inputs += [  # code and data files (the console's templates and stylesheet)
+        p for p in (ROOT / "daemon" / "replicore").rglob("*") if "__pycache__" not in p.parts
+    ]
     return any(p.stat().st_mtime > built for p in inputs)
 
 
@@ -143,6 +146,13 @@ def test_the_binary_serves_pairs_pushes_exports_reloads_and_stops_cleanly(binary
         assert len(status["database"]["paired_sources"]) == 1
         scraped = httpx.get(info["metrics"][0], timeout=10).text
         assert value(scraped, "replicore_sessions_committed_total") is not None
+        # The console is served from the executable: its template and its stylesheet.
+        pem = connection.pin(url, info["fingerprint"])
+        with httpx.Client(base_url=url, verify=connection.ssl_context(pem, None)) as web:
+            login = web.get("/apprecovery/admin/login")
+            assert login.status_code == 200 and 'name="login_token"' in login.text
+            css = web.get("/apprecovery/admin/static/console.css")
+            assert css.status_code == 200 and ".login-card" in css.text
         run("backup-db", "-o", str(tmp_path / "copy.db"))
 
         daemon.send_signal(signal.SIGHUP)  # to the bootloader, which forwards it
