@@ -23,6 +23,7 @@ Every failure reaches the caller as a `PushError` with a one-line message.
 from __future__ import annotations
 
 import contextlib
+import gc
 import queue
 import threading
 import time
@@ -569,6 +570,19 @@ def check_options(options: PushOptions) -> None:
 def push(options: PushOptions) -> dict[str, Any]:
     """Push the volumes as one recovery point; returns the figures of the run."""
     check_options(options)
+    # The hash pass makes a tuple per block and keeps batches of them alive: the cyclic
+    # garbage collector would rescan them again and again (measured: 6% of the client's
+    # CPU on a no-change push) for no cycle to find.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _push(options)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _push(options: PushOptions) -> dict[str, Any]:
     started = time.monotonic()
     try:
         source = identity.load(options.directory)
