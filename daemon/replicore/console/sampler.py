@@ -1,7 +1,8 @@
 """The usage sampler: while the console is enabled, the daemon records the bytes each source
-stores every `console.usage_sample_interval` seconds (store/usage_history.py), the first
-sample right after start. It lives in the server's nursery under its own cancel scope, like
-the housekeeping loop; the measure runs on a reader, the few rows it writes on the writer."""
+stores every `console.usage_sample_interval` seconds (store/usage_history.py; a reload keeps
+the running interval), the first sample right after start. It lives in the server's nursery
+under its own cancel scope, like the housekeeping loop; the measure runs on a reader, the
+few rows it writes on the writer."""
 
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ async def _loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
                 await sample_once(rt)
             except Exception:
                 log.exception("console: usage sample failed")
-            # Re-read each time: a reload may change the interval.
             await trio.sleep(rt.config.console.usage_sample_interval)
 
 
