@@ -83,7 +83,7 @@ def agent_pk(server: Any, agent_id: str) -> int:
 
 def test_every_page_and_asset_but_the_login_page_needs_a_session(server):
     with console_client(server) as anonymous:
-        for path in [*PAGES, "/agents/1", "/bin/1", "/billing.csv", "/static/other.css"]:
+        for path in [*PAGES, "/agents/1", "/bin/1", "/billing.csv", "/static/other.css", "/x/y"]:
             answer = anonymous.get(CONSOLE_PATH + path)
             assert answer.status_code == 303, path
             assert answer.headers["location"].startswith(f"{CONSOLE_PATH}/login?next=")
@@ -188,6 +188,14 @@ def test_removing_an_administrator_ends_their_sessions(server):
         assert client.get(f"{CONSOLE_PATH}/").status_code == 200
         assert server.cli("admin", "remove", other[0]).status == 0
         assert client.get(f"{CONSOLE_PATH}/").status_code == 303
+
+
+def test_unknown_pages_and_records_get_an_html_404(console):
+    for path in ["/no/such/page", "/agents/99999", "/bin/99999"]:
+        answer = console.get(CONSOLE_PATH + path)
+        assert answer.status_code == 404, path
+        assert answer.headers["content-type"].startswith("text/html")
+        assert "Not found" in answer.text
 
 
 def test_pages_send_security_headers(console):

@@ -152,9 +152,18 @@ async def error_page(status: int, title: str, message: str) -> Response:
     return Response(html, status=status, content_type="text/html; charset=utf-8")
 
 
+_TITLES = {404: "Not found", 409: "Not possible now", 422: "Not accepted", 507: "No space left"}
+
+
 @bp.errorhandler(ApiError)
 async def api_error(error: ApiError) -> Response:
-    return await error_page(error.status, "Not possible", error.message)
+    return await error_page(error.status, _TITLES.get(error.status, "Not possible"), error.message)
+
+
+@bp.route("/<path:rest>", methods=["GET", "POST"])
+async def not_found(rest: str) -> Response:
+    """Any other path under the console: behind the gate like every page, then 404."""
+    return await error_page(404, "Not found", "There is no such page in the console.")
 
 
 @bp.errorhandler(HTTPException)
