@@ -208,14 +208,24 @@ def test_pages_send_security_headers(console):
     assert "<script" not in answer.text
 
 
-def test_session_ends_after_its_lifetime(make_server):
-    server = make_server("[console]\nsession_ttl = 1\n")
-    server.cli("admin", "add", ADMIN[0], "--password-stdin", stdin=ADMIN[1] + "\n")
-    with logged_in(server, ADMIN) as client:
-        assert client.get(f"{CONSOLE_PATH}/jobs").status_code == 200
-        time.sleep(1.5)
-        answer = client.get(f"{CONSOLE_PATH}/jobs")
-        assert answer.status_code == 303 and "/login" in answer.headers["location"]
+def test_session_ends_after_its_lifetime_or_when_left_idle(server):
+    for column, value in (("expires_at", -1.0), ("last_seen_at", -1801.0)):
+        with logged_in(server, ADMIN) as client:
+            assert client.get(f"{CONSOLE_PATH}/jobs").status_code == 200
+            token = hashlib.sha256(client.cookies["replicore_console"].encode()).digest()
+            ((created, expires),) = query(
+                server,
+                "SELECT created_at, expires_at FROM console_sessions WHERE token_hash = ?",
+                (token,),
+            )
+            assert expires - created == 28800
+            execute(
+                server,
+                f"UPDATE console_sessions SET {column} = ? WHERE token_hash = ?",
+                (time.time() + value, token),
+            )
+            answer = client.get(f"{CONSOLE_PATH}/jobs")
+            assert answer.status_code == 303 and "/login" in answer.headers["location"]
 
 
 def test_failed_logins_share_the_api_limit_and_get_429(make_server):
@@ -537,7 +547,7 @@ def test_billing_chart_draws_the_usage_samples_per_customer(server, console, mak
 
 
 def test_dashboard_warns_of_a_full_quota_and_a_silent_source(make_server, make_source):
-    server = make_server("[console]\nsilent_source_days = 0.000001\nquota_warning_percent = 50\n")
+    server = make_server("[console]\nquota_warning_percent = 50\n")
     server.cli("admin", "add", ADMIN[0], "--password-stdin", stdin=ADMIN[1] + "\n")
     source = make_source("quiet")
     pair_by_demand(server, source, ["q1"], ADMIN, repository=None)
@@ -546,6 +556,12 @@ def test_dashboard_warns_of_a_full_quota_and_a_silent_source(make_server, make_s
     (used,) = query(server, "SELECT stored_bytes FROM record_usage")[0]
     assert server.cli("repository", "quota", name, str(int(used * 1.5))).status == 0
     with logged_in(server, ADMIN) as client:
+        assert "has not been heard from" not in client.get(f"{CONSOLE_PATH}/").text
+    three_days_ago = time.time() - 3 * 86400
+    execute(server, "UPDATE master_cores SET confirmed_at = ?, last_contact_at = ?",
+            (three_days_ago, three_days_ago))  # fmt: skip
+    execute(server, "UPDATE volume_images SET committed_at = ?", (three_days_ago,))
+    with logged_in(server, ADMIN) as client:
         page = client.get(f"{CONSOLE_PATH}/").text
     assert f"Repository {name} is 67% full" in page
-    assert f"Source {source.host_name} has not been heard from" in page
+    assert f"Source {source.host_name} has not been heard from for 3 days" in page

@@ -19,15 +19,23 @@ from .web import bp, page
 DAY = 86400.0
 #: Finished jobs this recent count as "recent" on the dashboard (failed ones are warned of).
 RECENT_JOBS = DAY
+#: Seconds the deduplication figures of the repositories are reused.
+REDUCTION_TTL = 60.0
+_REDUCTION_KEY = "console.reduction"
 
 
 def gather(
-    conn: apsw.Connection, state_dir: Path, database_path: Path, config: ConsoleConfig, now: float
+    conn: apsw.Connection,
+    state_dir: Path,
+    database_path: Path,
+    config: ConsoleConfig,
+    now: float,
+    reduction: dict[int, dict[str, int]],
 ) -> dict[str, Any]:
-    """Everything the dashboard shows, read in one snapshot."""
+    """Everything the dashboard shows (but the deduplication figures, `reduction`), read in
+    one snapshot."""
     facts = metrics.read_facts(conn, state_dir, database_path)
     ids = {r["name"]: r["id"] for r in repositories.list_all(conn)}
-    reduction = overview.repository_reduction(conn)
     repos = []
     for repo in facts.repositories:
         figures = reduction.get(ids.get(repo.name, -1), {})
@@ -118,7 +126,7 @@ def warnings(data: dict[str, Any], config: ConsoleConfig, now: float) -> list[di
             "error",
             f"The last verify run ({when(run['finished_at'])}) found"
             f" {run['corrupt_records']} corrupt and {run['missing_records']} missing records.",
-            "console.audit_log",
+            "console.agents",
         )
     silent_after = config.silent_source_days * DAY
     for source in data["paired"]:
@@ -163,12 +171,30 @@ def warnings(data: dict[str, Any], config: ConsoleConfig, now: float) -> list[di
     return sorted(found, key=lambda w: order[w["level"]])
 
 
+async def reduction_figures(rt: runtime.Runtime, now: float) -> dict[int, dict[str, int]]:
+    """`overview.repository_reduction`, computed at most once per REDUCTION_TTL seconds: it
+    reads every block map, and the dashboard reloads itself while jobs run."""
+    cached = rt.extras.get(_REDUCTION_KEY)
+    if cached is not None and now - cached[0] < REDUCTION_TTL:
+        figures: dict[int, dict[str, int]] = cached[1]
+        return figures
+    figures = await rt.db.read(overview.repository_reduction)
+    rt.extras[_REDUCTION_KEY] = (now, figures)
+    return figures
+
+
 @bp.get("/")
 async def dashboard() -> str:
     rt = runtime.current()
     now = time.time()
+    reduction = await reduction_figures(rt, now)
     data = await rt.db.read(
-        gather, rt.config.server.state_dir, rt.config.database_path, rt.config.console, now
+        gather,
+        rt.config.server.state_dir,
+        rt.config.database_path,
+        rt.config.console,
+        now,
+        reduction,
     )
     for warning in data["warnings"]:
         warning["href"] = url_for(warning.pop("endpoint"))
