@@ -79,7 +79,7 @@ async def logout() -> Response:
     session: security.Session = g.console_session
     operator = who()
     await security.end_session(session)
-    forget_notices(session.id)
+    forget_notices(session)
     await security.audit_logout(operator.admin, operator.address)
     response = redirect(url_for("console.login"), 303)
     security.clear_session_cookie(response, config)

@@ -182,19 +182,29 @@ async def unexpected(error: Exception) -> Response:
 # --------------------------------------------------------------------------
 
 
+def _notices() -> dict[tuple[int, float], list[tuple[str, str]]]:
+    found: dict[tuple[int, float], list[tuple[str, str]]] = runtime.current().extras.setdefault(
+        _FLASH_KEY, {}
+    )
+    return found
+
+
+def _key(session: security.Session) -> tuple[int, float]:
+    # Row ids may be reused once a session is deleted; with its start time the key is not.
+    return (session.id, session.created_at)
+
+
 def flash(kind: str, text: str) -> None:
     """A notice shown once, on the next page this session renders."""
-    notices: dict[int, list[tuple[str, str]]] = runtime.current().extras.setdefault(_FLASH_KEY, {})
-    notices.setdefault(g.console_session.id, []).append((kind, text))
+    _notices().setdefault(_key(g.console_session), []).append((kind, text))
 
 
 def take_notices() -> list[tuple[str, str]]:
-    notices: dict[int, list[tuple[str, str]]] = runtime.current().extras.setdefault(_FLASH_KEY, {})
-    return notices.pop(g.console_session.id, [])
+    return _notices().pop(_key(g.console_session), [])
 
 
-def forget_notices(session_id: int) -> None:
-    runtime.current().extras.setdefault(_FLASH_KEY, {}).pop(session_id, None)
+def forget_notices(session: security.Session) -> None:
+    _notices().pop(_key(session), None)
 
 
 async def page(template: str, *, title: str, refresh: int | None = None, **context: Any) -> str:
