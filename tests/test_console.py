@@ -492,7 +492,9 @@ def test_pending_agent_of_a_paired_source_is_approved_from_the_agents_page(
     assert post(console, f"/agents/{agent_pk(server, 'second')}/approve").status_code == 303
     state = query(server, "SELECT state FROM agents WHERE agent_id = 'second'")
     assert state == [("approved",)]
-    assert audit_rows(server, "agent.approve")[-1]["target"].endswith("/second")
+    approved = audit_rows(server, "agent.approve")[-1]
+    assert approved["target"] == f"agent second of source {source.core_id}"
+    assert approved["actor"] == "console:admin" and approved["details"]["repository"]
 
 
 # --------------------------------------------------------------------------

@@ -104,7 +104,8 @@ async def agent(agent_pk: int) -> str:
 
 
 def _target(agent: dict[str, Any]) -> str:
-    return f"{agent['source_core_id']}/{agent['agent_id']}"
+    """The audit target of an agent, as `replicore agents` writes it."""
+    return f"agent {agent['agent_id']} of source {agent['source_core_id']}"
 
 
 def set_pause(conn: apsw.Connection, operator: Who, agent_pk: int, paused: bool) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def delete_agent(conn: apsw.Connection, operator: Who, agent_pk: int) -> dict[st
         "agent.delete",
         _target(agent),
         client_address=operator.address,
-        details={"entryId": done["entryId"], "recoveryPoints": done["recoveryPointCount"]},
+        details={"binEntry": done["entryId"], "recoveryPoints": done["recoveryPointCount"]},
     )
     return {**agent, **done}
 

@@ -60,9 +60,10 @@ def purge_entry(conn: apsw.Connection, operator: Who, entry_id: int) -> dict[str
         conn,
         operator.actor,
         "bin.purge",
-        f"entry {entry_id}",
+        str(entry_id),
         client_address=operator.address,
         details={
+            "entries": 1,
             "sourceCoreId": done["sourceCoreId"],
             "agentId": done["agentId"],
             "recoveryPoints": done["recoveryPointCount"],
@@ -119,7 +120,7 @@ async def bin_purge(entry_id: int) -> Response:
             " collection now running."
         )
 
-    response = await act("bin.purge", f"entry {entry_id}", purge_entry, done, back, entry_id)
+    response = await act("bin.purge", str(entry_id), purge_entry, done, back, entry_id)
     rt = runtime.current()
     if purged and rt.nursery is not None:
         rt.nursery.start_soon(_collect_garbage, rt)
