@@ -1,8 +1,8 @@
 """The usage sampler: while the console is enabled, the daemon records the bytes each source
 stores every `console.usage_sample_interval` seconds (store/usage_history.py; a reload keeps
-the running interval), the first sample right after start. It lives in the server's nursery
-under its own cancel scope, like the housekeeping loop; the measure runs on a reader, the
-few rows it writes on the writer."""
+the running interval), the first one interval after start (the billing page adds the value
+of the moment itself). It lives in the server's nursery under its own cancel scope, like the
+housekeeping loop; the measure runs on a reader, the few rows it writes on the writer."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ async def sample_once(rt: runtime.Runtime) -> int:
 async def _loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
     with scope:
         while True:
+            await trio.sleep(rt.config.console.usage_sample_interval)
             try:
                 await sample_once(rt)
             except Exception:
                 log.exception("console: usage sample failed")
-            await trio.sleep(rt.config.console.usage_sample_interval)
 
 
 @bp.before_app_serving
