@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pairing_helpers import db_snapshot, pair_by_demand
+from pairing_helpers import db_snapshot, pair_by_demand, pairing_body
 from replicore import config as config_module
 from replicore.app import create_app
 from replicore.store import agents, db, jobs, metadata, migrations
@@ -243,16 +243,16 @@ def test_expire_jobs_fails_only_jobs_past_the_timeout(tmp_path):
 
 
 def test_replication_job_routes_win_over_agent_routes(server, make_source, admin):
-    # An agent may be called "replicationJob": the literal routes still win.
+    # The literal words of agent routes are refused as agent ids, so they cannot be shadowed.
     source = make_source("odd")
-    pair_by_demand(server, source, ["replicationJob"], admin)
-    with server.client(source) as client:
-        started = client.post(
-            "slave/agents/replicationJob/start", json=start_body("j", replicationJob=["v:1"])
+    with server.client() as client:
+        refused = client.post(
+            "slave/pairing/demand",
+            json=pairing_body(source, ["replicationJob"]),
+            auth=admin,
         )
-        transfer = client.post("slave/agents/replicationJob/transferJob/j")
-    assert started.status_code == 201 and started.json()["kind"] == "replication"
-    assert transfer.status_code == 201
+    assert refused.status_code == 422
+    assert refused.json()["field"].endswith("agents[0].agentInfo.id")
     app = create_app(types.SimpleNamespace(config=config_module.Config()))  # type: ignore[arg-type]
     urls = app.url_map.bind("localhost")
     root = "/apprecovery/api/core/replicationcomms/"
