@@ -80,3 +80,16 @@ def test_wrong_fingerprint_is_refused_by_pinning(server):
 def test_sigterm_stops_the_server_cleanly(server):
     assert server.stop() == 0
     assert not (server.state_dir / "daemon.json").exists()
+
+
+def test_sigterm_does_not_wait_for_idle_keepalive_connections(make_server):
+    # With a 60 s grace time, an idle keep-alive connection must not hold the stop: the
+    # server ends it as soon as it has no request in progress.
+    from ops_helpers import write_server_config
+
+    server = make_server(start=False)
+    write_server_config(server, "shutdown_timeout = 60.0")
+    server.start()
+    with server.client() as client:
+        assert client.get("slave/cores/noPairingSummaryInfo").status_code == 200
+        assert server.stop(timeout=20) == 0

@@ -39,6 +39,7 @@ log = logging.getLogger("replicore.server")
 
 SOCKET_READ_SIZE = 1024 * 1024
 DRAIN_LIMIT = 1024 * 1024
+IDLE_POLL = 0.05
 
 
 class TrustStore:
@@ -70,17 +71,23 @@ class TrustStore:
 
 
 class _ScopeWithPeer:
-    """Wraps Hypercorn's app wrapper, adding the connection's peer certificate to each scope."""
+    """Wraps Hypercorn's app wrapper, adding the connection's peer certificate to each scope,
+    and counting the connection's requests in progress (`active`)."""
 
     def __init__(self, app: Any, tls: dict[str, Any]) -> None:
         self.app, self.tls = app, tls
+        self.active = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
         if scope["type"] in ("http", "websocket"):
             extensions = dict(scope.get("extensions") or {})
             extensions["tls"] = self.tls
             scope = {**scope, "extensions": extensions}
-        await self.app(scope, receive, send, *args)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send, *args)
+        finally:
+            self.active -= 1
 
 
 def peer_tls_info(der: bytes | None) -> dict[str, Any]:
@@ -107,19 +114,30 @@ class PeerCertTCPServer(TCPServer):
         await super().run()  # its own do_handshake() returns at once now
 
     async def _read_data(self) -> None:
-        """Hypercorn's read loop, handing on all plaintext already decryptable per event."""
-        while True:
-            try:
-                with trio.fail_after(self.config.read_timeout or math.inf):
-                    data = await self.stream.receive_some(MAX_RECV)
-            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-                break
-            if data and isinstance(self.stream, trio.SSLStream):
-                data = drain_decrypted(self.stream, data)
-            await self.protocol.handle(RawData(bytes(data)))
-            if data == b"":
-                break
+        """Hypercorn's read loop, handing on all plaintext already decryptable per event, and
+        ending once the server stops and the connection has no request in progress (a
+        keep-alive connection would otherwise hold shutdown for its whole grace time)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_when_stopping_and_idle, nursery.cancel_scope)
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                if data and isinstance(self.stream, trio.SSLStream):
+                    data = drain_decrypted(self.stream, data)
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+            nursery.cancel_scope.cancel()
         await self.protocol.handle(Closed())
+
+    async def _end_when_stopping_and_idle(self, reading: trio.CancelScope) -> None:
+        await self.context.terminated.wait()
+        while isinstance(self.app, _ScopeWithPeer) and self.app.active:
+            await trio.sleep(IDLE_POLL)
+        reading.cancel()
 
 
 def drain_decrypted(stream: trio.SSLStream[Any], first: bytes | bytearray) -> bytes:
