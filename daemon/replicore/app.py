@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+import trio
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -72,7 +73,9 @@ def create_app(runtime: Runtime) -> QuartTrio:
             state["source_core_id"] = str(core["core_id"])
         return response
 
-    app.asgi_app = ObservedApp(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = ObservedApp(  # type: ignore[method-assign]
+        BulkGate(app.asgi_app, runtime.config.server.max_bulk_requests)
+    )
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -111,6 +114,26 @@ _ROUTE_IDS = {
 #: Where the middleware and the Quart hooks share what they know of one request.
 STATE_KEY = "replicore.request"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class BulkGate:
+    """ASGI middleware: at most `limit` bulk bodies (record batches, o3edata, upload chunks)
+    in the app at once. Quart buffers a request's body as soon as the app is called, with no
+    backpressure, so a waiting bulk request is held here, before the app, where Hypercorn's
+    small receive queue and TCP hold its bytes back instead of memory."""
+
+    BULK_PATH = re.compile(r"/(?:records/rawdata|o3edata)$|/sessions/[^/]+/data/\d+$")
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.slots = trio.Semaphore(limit)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.BULK_PATH.search(scope["path"]):
+            async with self.slots:
+                await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class ObservedApp:

@@ -33,6 +33,8 @@ class ServerConfig:
     tls_key: Path | None = None
     #: Largest request body in bytes (JSON and binary batches alike).
     max_request_bytes: int = 40 * 1024 * 1024
+    #: Bulk bodies (record batches, o3edata, upload chunks) read at once; more wait, unread.
+    max_bulk_requests: int = 8
     #: Seconds a stopping server gives running requests before cutting them.
     shutdown_timeout: float = 30.0
     #: Reader connections to SQLite.
@@ -306,6 +308,8 @@ def _check(config: Config, where: str) -> None:
             raise ConfigError(f"{where}server.{label}: {tls_path} does not exist")
     if server.max_request_bytes < 1024 * 1024:
         raise ConfigError(f"{where}server.max_request_bytes: must be at least 1048576")
+    if server.max_bulk_requests < 1:
+        raise ConfigError(f"{where}server.max_bulk_requests: must be at least 1")
     if server.db_readers < 1:
         raise ConfigError(f"{where}server.db_readers: must be at least 1")
     if config.log.level not in _LOG_LEVELS:

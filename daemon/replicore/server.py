@@ -206,6 +206,9 @@ def hypercorn_config(host: str, port: int, shutdown_timeout: float) -> Hypercorn
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.h11_max_incomplete_size = 64 * 1024
+    # Body messages waiting for the app, per request: with drained reads each is up to
+    # DRAIN_LIMIT, so this bounds what a request held at the bulk gate keeps in memory.
+    config.max_app_queue_size = 4
     return config
 
 

@@ -54,6 +54,7 @@ RESTART_ONLY = (
     ("server", "url_prefix"),
     ("server", "state_dir"),
     ("server", "db_readers"),
+    ("server", "max_bulk_requests"),
     ("server", "shutdown_timeout"),
     ("server", "backup_dir"),
     ("server", "max_database_bytes"),
