@@ -425,36 +425,12 @@ def _openapi(world):
     world.openapi = response.json()
 
 
-# Operations that read the body before they check that the agent/session/job named in the
-# path is the caller's: with a garbage body, B's resource gets 400 instead of 404. Nothing
-# leaks (a missing resource gets the same 400), but DESIGN.md asks for authorization before
-# the body is parsed. Reported to their owners; strict, so a fix turns them green.
-BODY_BEFORE_OWNERSHIP = {
-    ("PUT", "slave/agents/{agentId}/status"),
-    ("POST", "slave/agents/{agentId}/metadataUpdate"),
-    ("POST", "slave/agents/{agentId}/metadataUpdateJob"),
-    ("POST", "slave/agents/{agentId}/transferJob/{jobId}"),
-}
 PATH_RESOURCE_ROWS = [
     k for k in sorted(az.MATRIX) if az.cells(k)["cross"] == "404" and "{" in k[1].split("?")[0]
 ]
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        pytest.param(
-            k,
-            marks=pytest.mark.xfail(
-                strict=True, reason="the handler parses the body before the ownership check"
-            ),
-        )
-        if k in BODY_BEFORE_OWNERSHIP
-        else k
-        for k in PATH_RESOURCE_ROWS
-    ],
-    ids=lambda k: f"{k[0]} {k[1]}",
-)
+@pytest.mark.parametrize("key", PATH_RESOURCE_ROWS, ids=lambda k: f"{k[0]} {k[1]}")
 def test_another_sources_resource_is_refused_before_the_body_is_read(world, key):
     b_values = world.b.values()
     before = az.snapshot(world.server)

@@ -263,12 +263,6 @@ def test_a_record_sent_twice_in_one_batch_is_stored_once(world, fresh_session):
         assert response.json()["stored"] <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uploads.new_session checks the free disk space before the size limit and the "
-    "body's other fields: a size over uploads.max_file_bytes gets 507 (as if the target's "
-    "storage were full) instead of the 413 of the limit",
-)
 def test_an_upload_over_the_file_limit_is_a_client_error_not_a_full_disk(world):
     before = az.snapshot(world.server)
     with world.client(world.a.source) as c:

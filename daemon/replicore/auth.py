@@ -5,7 +5,9 @@ Levels (each route is decorated with exactly one):
 - `known_source`: a client certificate the target has on record in a trusted state
   (unconfirmed, pending, approved, denied); 401 without one.
 - `paired_source`: a certificate whose pairing is approved; 401 without a certificate or with
-  one not on record, 403 naming the state otherwise. The core row is in `g.core`.
+  one not on record, 403 naming the state otherwise. The core row is in `g.core`. A route
+  with an `agent_id` in its URL answers 404 here, before its body is read, unless the caller
+  has an agent of that id (another source's agent is answered exactly like a missing one).
 - `admin`: HTTP Basic credentials of an administrator account; 401 otherwise.
 Failed administrator logins are rate limited per client address (429), checked one at a time
 per address; every login attempt is written to the audit log (store/audit.py).
@@ -25,8 +27,8 @@ import trio
 from quart import g, request
 
 from . import runtime
-from .errors import Forbidden, TooManyRequests, Unauthorized
-from .store import admins, audit, cores
+from .errors import Forbidden, NotFound, TooManyRequests, Unauthorized
+from .store import admins, agents, audit, cores
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -68,24 +70,38 @@ async def _anonymous() -> None:
     g.core = None
 
 
-async def _known_source() -> dict[str, Any]:
+def _caller(
+    conn: Any, fingerprint: str, agent_id: str | None
+) -> tuple[dict[str, Any] | None, bool]:
+    """The core row of a certificate, and whether it has an agent `agent_id` (one read)."""
+    core = cores.by_fingerprint(conn, fingerprint)
+    has_agent = (
+        core is not None and agent_id is not None and bool(agents.get(conn, core["id"], agent_id))
+    )
+    return core, has_agent
+
+
+async def _known_source(agent_id: str | None = None) -> tuple[dict[str, Any], bool]:
     fingerprint = client_fingerprint()
     if fingerprint is None:
         raise Unauthorized("a client certificate is required for this operation")
-    core = await runtime.current().db.read(cores.by_fingerprint, fingerprint)
+    core, has_agent = await runtime.current().db.read(_caller, fingerprint, agent_id)
     if core is None or core["state"] not in cores.TRUSTED_STATES:
         raise Unauthorized("this client certificate is not known to this core")
     g.core = core
-    return core
+    return core, has_agent
 
 
 async def _paired_source() -> None:
-    core = await _known_source()
+    agent_id = (request.view_args or {}).get("agent_id")
+    core, has_agent = await _known_source(agent_id)
     if core["state"] != "approved":
         raise Forbidden(
             f"the pairing of this certificate is {core['state']}, not approved",
             state=core["state"],
         )
+    if agent_id is not None and not has_agent:
+        raise NotFound(f"this source has no agent {agent_id!r} on this core", field="agentId")
 
 
 def basic_credentials() -> tuple[str, str] | None:

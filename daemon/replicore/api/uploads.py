@@ -24,7 +24,7 @@ from quart import Blueprint, g, request
 
 from .. import auth, runtime
 from ..bodies import Struct, json_body, raw_body
-from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
+from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..runtime import Runtime
 from ..store import exchange, uploads
 from .jobs import iso, start_background, stop_background, sweep_interval
@@ -81,9 +81,6 @@ async def new_session() -> tuple[dict[str, Any], int]:
     body = await json_body(NewSessionBody)
     if body.purpose == "exchange-dll":
         exchange.check_file_name(body.file_name)
-    free = shutil.disk_usage(rt.config.server.state_dir).free
-    if body.size > free:
-        raise InsufficientStorage(f"{body.size} bytes do not fit in the {free} bytes free")
     session_id = await rt.db.write(
         uploads.create,
         g.core["id"],
@@ -94,6 +91,7 @@ async def new_session() -> tuple[dict[str, Any], int]:
         time.time(),
         max_bytes=rt.config.uploads.max_file_bytes,
         max_open=rt.config.uploads.max_open_sessions,
+        disk_free=shutil.disk_usage(rt.config.server.state_dir).free,
     )
     session = await rt.db.read(uploads.get, g.core["id"], session_id)
     return session_view(session), 201

@@ -25,7 +25,14 @@ from typing import Any
 
 import apsw
 
-from ..errors import Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unprocessable
+from ..errors import (
+    Conflict,
+    InsufficientStorage,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unprocessable,
+)
 from .db import row, rows
 
 SCHEMA = """
@@ -74,8 +81,10 @@ def create(
     *,
     max_bytes: int,
     max_open: int,
+    disk_free: int,
 ) -> str:
-    """Open a session for the caller; returns its id (a UUID)."""
+    """Open a session for the caller; returns its id (a UUID). The file must be within the
+    upload limit (413) and fit on the disk (507)."""
     if purpose not in PURPOSES:
         raise Unprocessable(f"purpose must be one of {', '.join(PURPOSES)}", field="purpose")
     if not _MD5.match(md5):
@@ -84,6 +93,8 @@ def create(
         raise PayloadTooLarge(
             f"a file of {size} bytes is over the upload limit of {max_bytes} bytes", field="size"
         )
+    if size > disk_free:
+        raise InsufficientStorage(f"{size} bytes do not fit in the {disk_free} bytes free")
     open_now = row(
         conn,
         "SELECT count(*) AS n FROM upload_sessions WHERE core_pk = ? AND state = 'open'",
