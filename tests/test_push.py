@@ -211,3 +211,19 @@ def test_progress_is_drawn_on_a_terminal_only(server, paired, tmp_path: Path) ->
     assert b"epoch 1 committed" in done.stdout
     quiet = push(paired, server, AGENT, {"vol-c": image})  # stderr is no terminal here
     assert quiet.status == 0 and quiet.stderr == ""
+
+
+def test_full_quota_is_a_clear_error_before_any_record_travels(
+    server, admin, make_source, tmp_path: Path
+) -> None:
+    created = server.cli("repository", "create", "small", "--quota", "256K")
+    assert created.status == 0, created.stderr
+    source = make_source("quota")
+    pair_by_demand(server, source, [AGENT], admin, repository="small")
+    image = tmp_path / "disk.img"
+    random_image(image, 1024 * 1024)
+    run = push(source, server, AGENT, {"vol-c": image})
+    assert run.status == 1
+    assert "out of storage" in run.stderr and run.stderr.count("\n") == 1
+    state = json.loads(next((source.directory / "state").rglob("*.json")).read_text())
+    assert state["run"] is not None  # kept: the same command resumes once there is room
