@@ -227,3 +227,30 @@ def test_full_quota_is_a_clear_error_before_any_record_travels(
     assert "out of storage" in run.stderr and run.stderr.count("\n") == 1
     state = json.loads(next((source.directory / "state").rglob("*.json")).read_text())
     assert state["run"] is not None  # kept: the same command resumes once there is room
+
+
+def _loop_device(backing: Path) -> str | None:
+    """Attach `backing` to a loop device (root only); None when the machine cannot."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        return None
+    done = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(backing)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def test_block_device_is_pushed_like_a_file(server, paired, tmp_path: Path) -> None:
+    backing = tmp_path / "backing.img"
+    data = make_image(backing, 32)
+    device = _loop_device(backing)
+    if device is None:
+        pytest.skip("needs root and a loop device")
+    try:
+        result = push(paired, server, AGENT, {"vol-c": Path(device)}).result
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
+    assert result["bytes_read"] == len(data)
+    assert export(server, AGENT, "vol-c", tmp_path / "out.img") == data
