@@ -124,8 +124,9 @@ def test_state_resumes_the_run_for_the_same_volumes_and_shapes(source) -> None:
         state.set_session("d", "s-d")
     with AgentState.locked(source, "core-1", "web/01") as state:
         again, resumed, _ = state.start_run({"d": (200, 4096), "c": (999, 4096)})
-        # c is committed in that run, so its new size does not matter.
-        assert resumed and again["jobId"] == run["jobId"]
+        # c is committed in that run, so its new size does not matter. The resumed attempt
+        # is a new job on the target, of the same recovery point.
+        assert resumed and again["jobId"] != run["jobId"]
         assert again["recoveryPointId"] == run["recoveryPointId"]
         state.volume_committed("d", 1)
         state.finish_run()

@@ -20,10 +20,9 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import apsw
 import msgspec
@@ -114,16 +113,6 @@ class _Totals:
 def _states() -> dict[str, EndState]:
     states: dict[str, EndState] = runtime.current().extras.setdefault("datapath.commits", {})
     return states
-
-
-async def _write(
-    fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """`db.write`, with a full disk answered as 507."""
-    try:
-        return await runtime.current().db.write(fn, *args, **kwargs)
-    except apsw.FullError:
-        raise InsufficientStorage("the disk holding the database is full") from None
 
 
 def _disk_free() -> int:
@@ -247,7 +236,7 @@ async def new_session() -> dict[str, Any]:
     wanted = _session_request(body)
     if _disk_free() <= 0:
         raise InsufficientStorage("the disk holding the database is full")
-    answer = await _write(_open, g.core, body.agent_id, wanted, time.time())
+    answer = await runtime.current().db.write(_open, g.core, body.agent_id, wanted, time.time())
     if not answer["resumed"]:
         metrics.session_opened()
     log.info(
@@ -283,7 +272,7 @@ async def record_keys(agent_id: str, job_id: str, session_id: str) -> Response:
     body = await bodies.raw_body(protocol.MAX_KEYS_BATCH_BYTES)
     entries = await trio.to_thread.run_sync(_decode_keys, session, body)
     try:
-        missing = await _write(
+        missing = await runtime.current().db.write(
             sessions.record_keys, session["id"], entries, time.time(), disk_free=_disk_free()
         )
     except InsufficientStorage as error:
@@ -346,7 +335,7 @@ async def _flush(session_pk: int, totals: _Totals) -> None:
         return
     verified, error = await trio.to_thread.run_sync(_verify, frames)
     if verified:
-        stored, already, refused = await _write(
+        stored, already, refused = await runtime.current().db.write_unsynced(
             sessions.store_records, session_pk, verified, time.time()
         )
         totals.stored += stored
@@ -450,10 +439,12 @@ async def _end_arguments(session: dict[str, Any]) -> tuple[bool, int, str]:
 
 async def _end(session_pk: int, commit: bool, block_count: int, checksum: str) -> dict[str, Any]:
     if commit:
-        answer = await _write(sessions.commit, session_pk, block_count, checksum, time.time())
+        answer = await runtime.current().db.write(
+            sessions.commit, session_pk, block_count, checksum, time.time()
+        )
         metrics.session_committed()
         return answer
-    await _write(sessions.discard, session_pk)
+    await runtime.current().db.write(sessions.discard, session_pk)
     metrics.session_discarded("source")
     return {"committed": False, "discarded": True}
 

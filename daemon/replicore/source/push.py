@@ -38,6 +38,7 @@ from urllib.parse import quote
 from .. import protocol
 from . import identity
 from .identity import IdentityError
+from .job_mirror import JobMirror
 from .progress import Counters, Display
 from .ratelimit import TokenBucket
 from .reader import Image, ImageError, hash_blocks
@@ -620,10 +621,28 @@ def _push(options: PushOptions) -> dict[str, Any]:
             for session in abandoned:
                 _discard(client, options.agent_id, session)
             run = _Run(options, client, state, counters, batch_bytes)
-            reports = [
-                _VolumePush(run, spec, image).push()
-                for spec, image in zip(options.volumes, images, strict=True)
-            ]
+            volumes = run.state.run["volumes"]  # type: ignore[index]
+            job = JobMirror(
+                client,
+                run.job_id,
+                options.agent_id,
+                [
+                    f"{spec.volume_id}:{volumes[spec.volume_id]['epoch']}"
+                    for spec in options.volumes
+                ],
+                counters,
+                options.streams,
+            )
+            job.start()
+            try:
+                reports = [
+                    _VolumePush(run, spec, image).push()
+                    for spec, image in zip(options.volumes, images, strict=True)
+                ]
+            except BaseException as error:
+                job.finish(error)
+                raise
+            job.finish(None)
             job_id, rp_id = run.job_id, run.recovery_point_id
             rp_time = run.recovery_point_timestamp
             state.finish_run()

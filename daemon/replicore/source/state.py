@@ -116,7 +116,8 @@ class AgentState:
         self, shapes: dict[str, tuple[int, int]]
     ) -> tuple[dict[str, Any], bool, list[dict[str, Any]]]:
         """The run to do for these volumes ({driverVolumeId: (size, blockSize)}): the
-        interrupted one if it was for the same volumes with the same shapes, else a new one.
+        interrupted one (under a new job id) if it was for the same volumes with the same
+        shapes, else a new one.
 
         Returns (run, resumed, abandoned): `abandoned` lists the open sessions of an interrupted
         run that is not taken up ({"driverVolumeId", "jobId", "sessionId"}), to be discarded.
@@ -129,6 +130,10 @@ class AgentState:
                 for vid, entry in old["volumes"].items()
             )
             if same:
+                # Each attempt is a job of its own on the target (an interrupted attempt's
+                # mirrored job has ended); its open sessions move to the new job id.
+                old["jobId"] = str(uuid.uuid4())
+                self.save()
                 return old, True, []
         abandoned: list[dict[str, Any]] = []
         if old is not None:

@@ -117,11 +117,30 @@ class Database:
     async def write(
         self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run fn(conn, ...) in one write transaction; it completes even if the caller is
-        cancelled, so a transaction is never cut in the middle. A full disk or database
-        (SQLITE_FULL) rolls it back and raises InsufficientStorage."""
+        """Run fn(conn, ...) in one write transaction, synced to disk before it returns; it
+        completes even if the caller is cancelled, so a transaction is never cut in the
+        middle. A full disk or database (SQLITE_FULL) rolls it back and raises
+        InsufficientStorage."""
+        return await self._write("FULL", fn, *args, **kwargs)
 
+    async def write_unsynced(
+        self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """As `write`, but without waiting for the disk (synchronous=NORMAL): the transaction
+        survives a crash of the process, and a power loss once any later `write` has synced
+        the log (WAL) that holds it. For record batches, which a volume image's commit
+        (a `write`) makes durable together with itself."""
+        return await self._write("NORMAL", fn, *args, **kwargs)
+
+    async def _write(
+        self,
+        synchronous: str,
+        fn: Callable[Concatenate[apsw.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         def run() -> T:
+            self._writer.execute(f"PRAGMA synchronous={synchronous}")
             with transaction(self._writer):
                 return fn(self._writer, *args, **kwargs)
 
