@@ -122,7 +122,6 @@ class Harness:
     #: Seconds of work after progress is first seen (learned as runs finish).
     durations: dict[str, float] = field(default_factory=lambda: {"gc": 0.15, "seed": 0.2})
     points: list[KillPoint] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
     spare_agents: list[str] = field(default_factory=list)
     garbage_agents: list[str] = field(default_factory=list)
     garbage_pushed_at: float = 0.0
@@ -182,19 +181,12 @@ class Harness:
             f" {self.durations['push']:.2f} s later; a commit of"
             f" {len(self.bulk) // COMMIT_BLOCK} blocks takes {self.durations['commit']:.2f} s"
         )
-        self._detect_features()
-
-    def _detect_features(self) -> None:
-        self.skipped.update(missing_features())
 
     # ------------------------------------------------------------------ running
 
     def run(self, kinds: list[str]) -> list[KillPoint]:
         """One kill point per entry of `kinds`; stops at the first failure (raised)."""
         for kind in kinds:
-            if kind in self.skipped:
-                self.log(f"skipped {kind}: {self.skipped[kind]}")
-                continue
             point = KillPoint(len(self.points) + 1, kind)
             self.points.append(point)
             started = time.monotonic()
@@ -225,7 +217,6 @@ class Harness:
             "ok": sum(p.ok for p in self.points),
             "byKind": by_kind,
             "phases": [f"{p.kind}: {p.phase}" for p in self.points],
-            "skipped": self.skipped,
             "imagesChecked": len(self.expected),
         }
 
@@ -590,24 +581,9 @@ class Harness:
             drive.unlink()
 
 
-def missing_features() -> dict[str, str]:
-    """Kill-point kinds whose command does not exist (yet), with why."""
-    from replicore import cli
-
-    names = {m.__name__.rsplit(".", 1)[-1] for m in cli.MODULES}
-    skipped: dict[str, str] = {}
-    if "bin" not in names:
-        skipped["delete"] = "the recycle bin (`replicore bin`) does not exist yet"
-    if "gc" not in names or "bin" not in names:
-        skipped["gc"] = "`replicore gc` / `replicore bin purge` do not exist yet"
-    if "seed_drive" not in names:
-        skipped["seed"] = "`replicore seed-drive` does not exist yet"
-    return skipped
-
-
-def plan_kinds(rng: random.Random, count: int, skipped: dict[str, str]) -> list[str]:
-    """`count` kinds: every available kind at least once, the rest weighted to pushes."""
-    available = [k for k in KINDS if k not in skipped]
+def plan_kinds(rng: random.Random, count: int) -> list[str]:
+    """`count` kinds: every kind at least once, the rest weighted to pushes."""
+    available = list(KINDS)
     weights = {"push": 5, "commit": 3, "delete": 2, "gc": 2, "seed": 2}
     kinds = list(available)
     while len(kinds) < count:

@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from crash_helpers import missing_features
 from faults_helpers import follow, integrity, query, verify
 from pairing_helpers import pair_by_demand
 from push_helpers import export, push, random_image, sha256
@@ -84,8 +81,6 @@ def test_a_push_past_the_cap_gets_507_and_resumes_once_the_cap_is_raised(
 def test_space_freed_inside_the_database_lets_the_push_complete_without_a_restart(
     make_server, make_source, tmp_path: Path
 ) -> None:
-    if "gc" in missing_features():
-        pytest.skip(missing_features()["gc"])
     # GC collects records older than the session timeout: keep it short.
     server = capped_server(make_server, 14 * MIB, "[replication]\nsession_timeout = 1.0\n")
     source = make_source("freed")

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 from quart import Blueprint
 
-from .. import runtime
+from .. import background, runtime
 from ..store import db as store_db
 from ..store import gc, recycle_bin, retention
 
@@ -28,7 +28,6 @@ log = logging.getLogger("replicore.housekeeping")
 bp = Blueprint("housekeeping", __name__)
 
 LOCK_KEY = "inventory.housekeeping.lock"
-SCOPE_KEY = "inventory.housekeeping.scope"
 #: The shortest pause between passes, whatever the config says.
 MIN_INTERVAL = 0.2
 
@@ -138,29 +137,9 @@ async def sweep_once(rt: runtime.Runtime) -> dict[str, Any]:
         }
 
 
-async def _loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
-    interval = max(MIN_INTERVAL, getattr(rt.config.recycle_bin, "sweep_interval", 3600.0))
-    with scope:
-        while True:
-            await trio.sleep(interval)
-            try:
-                await sweep_once(rt)
-            except Exception:
-                log.exception("housekeeping pass failed")
-
-
-@bp.before_app_serving
-async def _start() -> None:
-    rt = runtime.current()
-    if rt.nursery is None:
-        return
-    scope = trio.CancelScope()
-    rt.extras[SCOPE_KEY] = scope
-    rt.nursery.start_soon(_loop, rt, scope)
-
-
-@bp.after_app_serving
-async def _stop() -> None:
-    scope = runtime.current().extras.pop(SCOPE_KEY, None)
-    if scope is not None:
-        scope.cancel()
+background.periodic(
+    bp,
+    "housekeeping",
+    sweep_once,
+    lambda rt: max(MIN_INTERVAL, rt.config.recycle_bin.sweep_interval),
+)

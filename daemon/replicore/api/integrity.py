@@ -1,9 +1,8 @@
 """The daemon's side of integrity: the scheduled verify of stored records (`[verify]
-interval_hours`, the same run as `replicore verify`, see store/verify.py) and the database
-size cap (`server.max_database_bytes`), both started with the app.
+interval_hours`, the same run as `replicore verify`, see store/verify.py).
 
-No routes: a blueprint only for its serving hooks. The verify loop is a background loop of
-`jobs.start_background` (in the server's nursery): it wakes every few minutes and runs a
+No routes: a blueprint only for its serving hooks. The verify loop is a periodic task
+(background.py, in the server's nursery): it wakes every few minutes and runs a
 verify when the last scheduled run (kept in `verify_runs`, so a restart does not reset the
 clock) is older than the interval; the interval is read from the running config each time,
 so a reload changes it. A run goes through `runtime.db` step by step (reads on the reader
@@ -19,10 +18,9 @@ import time
 import trio
 from quart import Blueprint
 
-from .. import runtime
+from .. import background, runtime
 from ..store import verify
 from ..store.db import Database
-from .jobs import start_background, stop_background
 
 log = logging.getLogger("replicore.verify")
 
@@ -97,15 +95,4 @@ def tick(hours: float) -> float:
     return min(MAX_TICK, max(MIN_TICK, hours * 3600 / 10))
 
 
-@bp.before_app_serving
-async def _start() -> None:
-    rt = runtime.current()
-    if rt.config.server.max_database_bytes:
-        await rt.db.limit_size(rt.config.server.max_database_bytes)
-        log.info("database size capped at %d bytes", rt.config.server.max_database_bytes)
-    start_background("verify", verify_if_due, tick(rt.config.verify.interval_hours))
-
-
-@bp.after_app_serving
-async def _stop() -> None:
-    stop_background("verify")
+background.periodic(bp, "verify", verify_if_due, lambda rt: tick(rt.config.verify.interval_hours))

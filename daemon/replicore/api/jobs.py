@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
-import trio
-from quart import Blueprint, current_app, g
+from quart import Blueprint, g
 
-from .. import auth, runtime
+from .. import auth, background, runtime
 from ..bodies import Struct, decode_json, json_body, raw_body
 from ..errors import Unprocessable
 from ..runtime import Runtime
@@ -181,10 +179,6 @@ async def transfer_job(agent_id: str, job_id: str) -> tuple[dict[str, Any], int]
     return await job_view(job_pk), 201 if created else 200
 
 
-def sweep_interval(timeout: float) -> float:
-    return min(60.0, max(0.05, timeout / 4))
-
-
 async def sweep_jobs(rt: Runtime) -> None:
     """Fail the jobs whose source stopped syncing."""
     timeout = rt.config.jobs.sync_timeout
@@ -193,41 +187,6 @@ async def sweep_jobs(rt: Runtime) -> None:
         log.info("failed %d job(s) not synced for %g s", len(expired), timeout)
 
 
-def start_background(
-    name: str, sweep: Callable[[Runtime], Awaitable[None]], interval: float
-) -> None:
-    """Run `sweep(rt)` every `interval` seconds while the app serves: in the server's nursery
-    (`runtime.nursery`, set by `serve`), else in quart-trio's app nursery; the loop is
-    cancelled when the app stops serving (`stop_background`). A failed round is logged."""
-    rt = runtime.current()
-    scope = trio.CancelScope()
-    rt.extras[f"background.{name}"] = scope
-
-    async def loop() -> None:
-        with scope:
-            while True:
-                await trio.sleep(interval)
-                try:
-                    await sweep(rt)
-                except Exception:
-                    log.exception("background %s failed", name)
-
-    nursery = rt.nursery or current_app.nursery  # type: ignore[attr-defined]
-    nursery.start_soon(loop)
-
-
-def stop_background(name: str) -> None:
-    scope = runtime.current().extras.pop(f"background.{name}", None)
-    if scope is not None:
-        scope.cancel()
-
-
-@bp.before_app_serving
-async def start_job_sweep() -> None:
-    interval = sweep_interval(runtime.current().config.jobs.sync_timeout)
-    start_background("job-sweep", sweep_jobs, interval)
-
-
-@bp.after_app_serving
-async def stop_job_sweep() -> None:
-    stop_background("job-sweep")
+background.periodic(
+    bp, "job-sweep", sweep_jobs, lambda rt: background.sweep_interval(rt.config.jobs.sync_timeout)
+)

@@ -29,7 +29,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, g, jsonify, request
 
-from .. import auth, bodies, metrics, protocol, runtime
+from .. import auth, background, bodies, metrics, protocol, runtime
 from ..errors import (
     ApiError,
     BadRequest,
@@ -617,29 +617,9 @@ async def expire_sessions(rt: runtime.Runtime) -> list[str]:
     return expired
 
 
-async def _expiry_loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
-    interval = min(60.0, max(0.25, rt.config.replication.session_timeout / 4))
-    with scope:
-        while True:
-            await trio.sleep(interval)
-            try:
-                await expire_sessions(rt)
-            except Exception:
-                log.exception("expiring idle sessions failed")
-
-
-@bp.before_app_serving
-async def _start_expiry() -> None:
-    rt = runtime.current()
-    if rt.nursery is None:
-        return
-    scope = trio.CancelScope()
-    rt.extras["datapath.expiry"] = scope
-    rt.nursery.start_soon(_expiry_loop, rt, scope)
-
-
-@bp.after_app_serving
-async def _stop_expiry() -> None:
-    scope = runtime.current().extras.pop("datapath.expiry", None)
-    if scope is not None:
-        scope.cancel()
+background.periodic(
+    bp,
+    "session-expiry",
+    expire_sessions,
+    lambda rt: background.sweep_interval(rt.config.replication.session_timeout),
+)

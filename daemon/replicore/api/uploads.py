@@ -22,12 +22,12 @@ import msgspec
 import trio
 from quart import Blueprint, g, request
 
-from .. import auth, runtime
+from .. import auth, background, runtime
 from ..bodies import Struct, json_body, raw_body
 from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..runtime import Runtime
 from ..store import exchange, uploads
-from .jobs import iso, start_background, stop_background, sweep_interval
+from .jobs import iso
 
 log = logging.getLogger("replicore.uploads")
 
@@ -271,12 +271,9 @@ async def _sweep(rt: Runtime) -> None:
     await sweep_uploads(rt, time.time())
 
 
-@bp.before_app_serving
-async def start_upload_sweep() -> None:
-    timeout = runtime.current().config.uploads.session_timeout
-    start_background("upload-sweep", _sweep, sweep_interval(timeout))
-
-
-@bp.after_app_serving
-async def stop_upload_sweep() -> None:
-    stop_background("upload-sweep")
+background.periodic(
+    bp,
+    "upload-sweep",
+    _sweep,
+    lambda rt: background.sweep_interval(rt.config.uploads.session_timeout),
+)

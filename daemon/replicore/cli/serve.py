@@ -303,7 +303,11 @@ async def serve_daemon(
 ) -> None:
     notifier = notifier or Notifier()
     trust = TrustStore(cert_path, key_path)
-    db = Database(config.database_path, readers=config.server.db_readers)
+    db = Database(
+        config.database_path,
+        readers=config.server.db_readers,
+        max_bytes=config.server.max_database_bytes,
+    )
     for pem in await db.read(cores.trusted_certificates):
         trust.add(pem)
     fingerprint = certs.file_fingerprint(cert_path)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-import trio
-
-from .. import runtime
+from .. import background, runtime
 from ..store import usage_history
 from .web import bp
 
 log = logging.getLogger("replicore.console")
 
-SCOPE_KEY = "console.sampler.scope"
 
 
 async def sample_once(rt: runtime.Runtime) -> int:
@@ -26,28 +23,6 @@ async def sample_once(rt: runtime.Runtime) -> int:
     return await rt.db.write(usage_history.record, measured, time.time())
 
 
-async def _loop(rt: runtime.Runtime, scope: trio.CancelScope) -> None:
-    with scope:
-        while True:
-            await trio.sleep(rt.config.console.usage_sample_interval)
-            try:
-                await sample_once(rt)
-            except Exception:
-                log.exception("console: usage sample failed")
-
-
-@bp.before_app_serving
-async def _start() -> None:
-    rt = runtime.current()
-    if rt.nursery is None:
-        return
-    scope = trio.CancelScope()
-    rt.extras[SCOPE_KEY] = scope
-    rt.nursery.start_soon(_loop, rt, scope)
-
-
-@bp.after_app_serving
-async def _stop() -> None:
-    scope = runtime.current().extras.pop(SCOPE_KEY, None)
-    if scope is not None:
-        scope.cancel()
+background.periodic(
+    bp, "usage-sampler", sample_once, lambda rt: rt.config.console.usage_sample_interval
+)
