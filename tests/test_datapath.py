@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import blake3
 import pytest
 
 from datapath_helpers import (
@@ -53,10 +54,11 @@ def query(server: Any, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, 
 
 def export(server: Any, tmp_path: Path, *args: str) -> bytes:
     out = tmp_path / "export.img"
-    result = server.cli("export", *args, "-o", str(out))
+    result = server.cli("export", *args, "-o", str(out), "--sha256")
     assert result.status == 0, result.stderr
     data = out.read_bytes()
     assert f"bytes   {len(data)}" in result.stdout
+    assert f"blake3  {blake3.blake3(data).hexdigest()}" in result.stdout
     assert f"sha256  {hashlib.sha256(data).hexdigest()}" in result.stdout
     return data
 

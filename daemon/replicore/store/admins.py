@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -49,8 +50,11 @@ def verify_password(stored: str, password: str) -> bool:
     return hmac.compare_digest(computed, base64.b64decode(digest))
 
 
-# Checked against when the name is unknown, so that timing does not reveal valid names.
-_DUMMY_HASH = hash_password("not-a-real-password")
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the name is unknown, so that timing does not reveal valid names
+    (made on first use: every command imports this module)."""
+    return hash_password("not-a-real-password")
 
 
 def add(conn: apsw.Connection, name: str, password: str) -> None:
@@ -84,5 +88,5 @@ def password_hash(conn: apsw.Connection, name: str) -> str | None:
 def check(conn: apsw.Connection, name: str, password: str) -> bool:
     """True when name/password is a valid administrator login (constant-ish time)."""
     stored = password_hash(conn, name)
-    ok = verify_password(stored or _DUMMY_HASH, password)
+    ok = verify_password(stored or _dummy_hash(), password)
     return ok and stored is not None
