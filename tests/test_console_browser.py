@@ -105,12 +105,19 @@ class Operator:
 
 
 def _stale(element: Any) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    """True once the element's page is gone. While a navigation is under way ChromeDriver
+    may answer with a generic "does not belong to the document" error instead of a stale
+    element reference: that means the same."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.is_enabled()
     except StaleElementReferenceException:
         return True
+    except WebDriverException as error:
+        if "does not belong to the document" in str(error):
+            return True
+        raise
     return False
 
 
