@@ -36,7 +36,7 @@ from ..errors import (
     Unprocessable,
 )
 from ..store import agents, direct, images, repositories, sessions
-from .sessions import MAX_EPOCH, MAX_IMAGE_SIZE, MAX_VOLUMES, SAFE_TOKEN, utc_timestamp
+from .sessions import NewSessionBody, utc_timestamp
 
 log = logging.getLogger("replicore.direct")
 
@@ -53,21 +53,6 @@ CODEC_HEADER = "X-O3E-Codec"
 CODECS = ("raw", "framed")
 #: Frame header of the framed codec: stored length, codec (0 raw, 1 zstd).
 _FRAME = struct.Struct(">IB")
-
-
-class NewDirectSessionBody(bodies.Struct):
-    agent_id: str
-    job_id: Annotated[str, msgspec.Meta(pattern=SAFE_TOKEN)]
-    driver_volume_id: Annotated[str, msgspec.Meta(pattern=SAFE_TOKEN)]
-    epoch_number: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH)]
-    block_size: int
-    size: Annotated[int, msgspec.Meta(gt=0, le=MAX_IMAGE_SIZE)]
-    recovery_point_id: Annotated[
-        str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
-    ]
-    recovery_point_timestamp: str
-    volume_count: Annotated[int, msgspec.Meta(ge=1, le=MAX_VOLUMES)]
-    previous_epoch_number: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH)] | None = None
 
 
 class OpenInfoBody(bodies.Struct):
@@ -161,7 +146,7 @@ def _open(
 @auth.paired_source
 async def new_direct_session() -> dict[str, Any]:
     """Paired source: open (or resume) the direct session of one volume image of its agent."""
-    body = await bodies.json_body(NewDirectSessionBody)
+    body = await bodies.json_body(NewSessionBody)  # the same fields as sessions/new
     try:
         protocol.check_block_size(body.block_size)
     except protocol.ProtocolError as error:

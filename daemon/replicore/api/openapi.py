@@ -86,7 +86,7 @@ REQUESTS: dict[str, RequestSpec] = {
     ),
     "datapath.poke": NO_BODY,
     # direct replication
-    "direct.new_direct_session": _json("direct", "NewDirectSessionBody"),
+    "direct.new_direct_session": _json("sessions", "NewSessionBody"),
     "direct.snapshot_file": _json("direct", "SnapshotFileBody"),
     "direct.bitmap": RequestSpec(binary="the used-block bitmap: one bit per block, LSB first"),
     "direct.o3e_data": RequestSpec(
