@@ -35,7 +35,7 @@ import apsw
 from .. import protocol
 from .. import seed_drive as fmt
 from ..errors import Conflict, InsufficientStorage, NotFound
-from . import agents, cores, images, meta, records, repositories, sessions
+from . import agents, cores, images, inventory, meta, records, repositories, sessions
 from .db import row, rows, transaction
 
 SCHEMA = """
@@ -183,14 +183,11 @@ def _approve(conn: apsw.Connection, plan: _Plan) -> None:
     if not plan.to_approve:
         return
     agents.request(conn, plan.core["id"], [agents.AgentRequest(a) for a in plan.to_approve])
+    repository = repositories.by_id(conn, plan.repository_id)["name"]
     for agent_id in plan.to_approve:
-        conn.execute(
-            "UPDATE agents SET state = 'approved', repository_id = ?"
-            " WHERE core_pk = ? AND agent_id = ? AND state = 'pending'",
-            (plan.repository_id, plan.core["id"], agent_id),
-        )
         agent = agents.get(conn, plan.core["id"], agent_id)
-        assert agent is not None and agent["state"] == "approved"
+        assert agent is not None
+        inventory.approve_agent(conn, agent["id"], repository, time.time())
         plan.agent_pks[agent_id] = agent["id"]
 
 
