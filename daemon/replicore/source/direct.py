@@ -16,7 +16,6 @@ again resumes: the target names the next block it expects. The result has the sh
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,16 @@ from urllib.parse import quote
 
 from . import identity
 from .identity import IdentityError
-from .push import OptionError, PushError, PushOptions, VolumeSpec, check_options
+from .push import (
+    SUMMED,
+    OptionError,
+    PushError,
+    PushOptions,
+    VolumeSpec,
+    check_options,
+    discard_session,
+    run_summary,
+)
 from .ratelimit import TokenBucket
 from .reader import Image, ImageError
 from .state import AgentState, StateError
@@ -252,15 +260,6 @@ class _DirectVolume:
         return status
 
 
-def _discard(client: TargetClient, agent_id: str, session: dict[str, Any]) -> None:
-    """Best effort: end a session of an earlier, abandoned run (it would expire anyway)."""
-    path = "/".join(quote(session[k], safe="") for k in ("jobId", "sessionId"))
-    with contextlib.suppress(TransportError):
-        client.request(
-            "DELETE", f"slave/{quote(agent_id, safe='')}/{path}?commit=false", retry=False
-        )
-
-
 class _Run:
     def __init__(self, options: PushOptions, client: TargetClient, state: AgentState) -> None:
         self.options, self.client, self.state = options, client, state
@@ -303,7 +302,7 @@ def push_direct(options: PushOptions) -> dict[str, Any]:
         ):
             _, resumed_run, abandoned = state.start_run(shapes)
             for session in abandoned:
-                _discard(client, options.agent_id, session)
+                discard_session(client, options.agent_id, session)
             run = _Run(options, client, state)
             reports = [
                 _DirectVolume(run, spec, image).push()
@@ -319,28 +318,9 @@ def push_direct(options: PushOptions) -> dict[str, Any]:
     finally:
         for image in opened:
             image.close()
-    completes = [r["recovery_point_complete"] for r in reports if not r["already_committed"]]
+    summed = (*SUMMED, "blocks_sent", "records_stored")
+    point = (job_id, point_id, point_time)
     return {
         "direct": True,
-        "target": target["url"],
-        "target_core_id": target_core,
-        "agent_id": options.agent_id,
-        "job_id": job_id,
-        "recovery_point_id": point_id,
-        "recovery_point_timestamp": point_time,
-        "resumed_run": resumed_run,
-        "recovery_point_complete": completes[-1] if completes else None,
-        "bytes_read": sum(r["bytes_read"] for r in reports),
-        "blocks_sent": sum(r["blocks_sent"] for r in reports),
-        "records_sent": sum(r["records_sent"] for r in reports),
-        "records_stored": sum(r["records_stored"] for r in reports),
-        "bytes_sent": sum(r["bytes_sent"] for r in reports),
-        "raw_bytes_sent": sum(r["raw_bytes_sent"] for r in reports),
-        "dedup_bytes": sum(r["dedup_bytes"] for r in reports),
-        "wire_bytes": wire.total,
-        "wire_bytes_sent": wire.sent,
-        "wire_bytes_received": wire.received,
-        "connections": wire.connections,
-        "seconds": round(time.monotonic() - started, 3),
-        "volumes": reports,
+        **run_summary(target, options.agent_id, point, resumed_run, reports, wire, started, summed),
     }

@@ -541,7 +541,7 @@ def _target_certificate(target: dict[str, Any]) -> str:
     raise PushError(f"the pairing record of {target.get('url')} has no pinned certificate")
 
 
-def _discard(client: TargetClient, agent_id: str, session: dict[str, Any]) -> None:
+def discard_session(client: TargetClient, agent_id: str, session: dict[str, Any]) -> None:
     """Best effort: drop an abandoned session of an earlier run (it would expire anyway)."""
     path = "slave/{}/{}/{}?commit=false".format(
         quote(agent_id, safe=""),
@@ -619,7 +619,7 @@ def _push(options: PushOptions) -> dict[str, Any]:
                 display.start()
             _, resumed_run, abandoned = state.start_run(shapes)
             for session in abandoned:
-                _discard(client, options.agent_id, session)
+                discard_session(client, options.agent_id, session)
             run = _Run(options, client, state, counters, batch_bytes)
             volumes = run.state.run["volumes"]  # type: ignore[index]
             job = JobMirror(
@@ -656,21 +656,39 @@ def _push(options: PushOptions) -> dict[str, Any]:
             display.stop()
         for image in images:
             image.close()
+    return run_summary(
+        target, options.agent_id, (job_id, rp_id, rp_time), resumed_run, reports, wire, started
+    )
+
+
+#: Per-volume figures that a run's summary adds up.
+SUMMED = ("bytes_read", "records_sent", "bytes_sent", "raw_bytes_sent", "dedup_bytes")
+
+
+def run_summary(
+    target: dict[str, Any],
+    agent_id: str,
+    point: tuple[str, str, str],
+    resumed_run: bool,
+    reports: list[dict[str, Any]],
+    wire: Any,
+    started: float,
+    summed: tuple[str, ...] = SUMMED,
+) -> dict[str, Any]:
+    """The `--json` line of a run: its job and recovery point (`point`: job id, recovery
+    point id, its timestamp), the volumes' figures added up, the wire counter, the time."""
+    job_id, point_id, point_time = point
     completes = [r["recovery_point_complete"] for r in reports if not r["already_committed"]]
     return {
         "target": target["url"],
-        "target_core_id": target_core,
-        "agent_id": options.agent_id,
+        "target_core_id": str(target.get("coreId") or ""),
+        "agent_id": agent_id,
         "job_id": job_id,
-        "recovery_point_id": rp_id,
-        "recovery_point_timestamp": rp_time,
+        "recovery_point_id": point_id,
+        "recovery_point_timestamp": point_time,
         "resumed_run": resumed_run,
         "recovery_point_complete": completes[-1] if completes else None,
-        "bytes_read": sum(r["bytes_read"] for r in reports),
-        "records_sent": sum(r["records_sent"] for r in reports),
-        "bytes_sent": sum(r["bytes_sent"] for r in reports),
-        "raw_bytes_sent": sum(r["raw_bytes_sent"] for r in reports),
-        "dedup_bytes": sum(r["dedup_bytes"] for r in reports),
+        **{name: sum(r[name] for r in reports) for name in summed},
         "wire_bytes": wire.total,
         "wire_bytes_sent": wire.sent,
         "wire_bytes_received": wire.received,
