@@ -31,14 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procfs import log
+
 MIB = 1024 * 1024
 PASSWORD = "gc-shrink-password-0123"
 SESSION_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 1800
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def write_random(path: Path, seed: int, size: int) -> None:

@@ -50,6 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from procfs import log, proc_cpu_seconds, proc_status_kib, reset_hwm
+
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_TOOL = REPO.parent / "shared" / "bench" / "make_image.py"
@@ -72,27 +74,11 @@ CONTROL = [
 ]
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
@@ -105,14 +91,6 @@ def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
             continue
         found[int(task.name)] = (int(on_cpu), int(waiting))
     return found
-
-
-def reset_hwm(pid: int) -> bool:
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procfs import log, proc_cpu_seconds, proc_status_kib, reset_hwm
+
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE_TOOL = REPO.parent / "shared" / "bench" / "make_image.py"
@@ -54,37 +56,12 @@ AGENT, VOLUME = "bench", "c"
 PASSWORD = "bench-password-0123456789"
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def lo_rx_bytes() -> int:
     for line in Path("/proc/net/dev").read_text().splitlines():
         name, _, rest = line.partition(":")
         if name.strip() == "lo":
             return int(rest.split()[0])
     return 0
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def proc_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_hwm(pid: int) -> bool:
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def drop_caches(enabled: bool) -> bool:
@@ -169,9 +146,9 @@ class Bench:
         assert self.server is not None
         cold = drop_caches(self.args.drop_caches)
         hwm_reset = reset_hwm(self.server.pid)
-        lo0, cpu0 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid)
+        lo0, cpu0 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid, children=True)
         out, wall, usage = self.run(cmd, what=what)
-        lo1, cpu1 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid)
+        lo1, cpu1 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid, children=True)
         return {
             "out": out,
             "wall_s": round(wall, 3),
@@ -179,7 +156,7 @@ class Bench:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "client_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "server_cpu_s": round(cpu1 - cpu0, 2),
-            "server_rss_mib": round(proc_hwm_kib(self.server.pid) / 1024, 1),
+            "server_rss_mib": round(proc_status_kib(self.server.pid, "VmHWM") / 1024, 1),
             "server_rss_since_start": not hwm_reset,
             "cold_cache": cold,
         }
