@@ -74,14 +74,6 @@ class SnapshotFileBody(bodies.Struct):
 # --------------------------------------------------------------------------
 
 
-async def _write(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`db.write`, with a full disk answered as 507."""
-    try:
-        return await runtime.current().db.write(fn, *args, **kwargs)
-    except apsw.FullError:
-        raise InsufficientStorage("the disk holding the database is full") from None
-
-
 def _disk_free() -> int:
     return shutil.disk_usage(runtime.current().config.server.state_dir).free
 
@@ -170,7 +162,9 @@ async def new_direct_session() -> dict[str, Any]:
     )
     if _disk_free() <= 0:
         raise InsufficientStorage("the disk holding the database is full")
-    answer: dict[str, Any] = await _write(_open, g.core, body.agent_id, wanted, time.time())
+    answer: dict[str, Any] = await runtime.current().db.write(
+        _open, g.core, body.agent_id, wanted, time.time()
+    )
     if not answer["resumed"]:
         metrics.session_opened()
     log.info(
@@ -191,7 +185,7 @@ async def snapshot_file(agent_id: str, job_id: str, session_id: str) -> dict[str
     session, _ = await _own(agent_id, job_id, session_id)
     body = await bodies.json_body(SnapshotFileBody)
     info = body.open_info
-    answer: dict[str, Any] = await _write(
+    answer: dict[str, Any] = await runtime.current().db.write(
         direct.set_file,
         session["id"],
         direct.FileInfo(
@@ -216,7 +210,7 @@ async def bitmap(agent_id: str, job_id: str, session_id: str) -> dict[str, Any]:
     # A little over the exact size is read, so a wrong length is answered 422, not 413.
     data = await bodies.raw_body(expected + 1024)
     direct.check_bitmap(data, session["block_count"])
-    answer: dict[str, Any] = await _write(
+    answer: dict[str, Any] = await runtime.current().db.write(
         direct.set_bitmap,
         session["id"],
         data,
@@ -373,7 +367,7 @@ class _Receiver:
         ready, error = await trio.to_thread.run_sync(_prepare, pending, self.level)
         if ready:
             next_after = pending[len(ready)][0] if len(ready) < len(pending) else self.current
-            self.answer = await _write(
+            self.answer = await runtime.current().db.write(
                 direct.receive,
                 self.session["id"],
                 ready,
