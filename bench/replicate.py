@@ -146,9 +146,13 @@ class Bench:
         assert self.server is not None
         cold = drop_caches(self.args.drop_caches)
         hwm_reset = reset_hwm(self.server.pid)
+        spy = self.spy(cmd, what)
         lo0, cpu0 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid, children=True)
         out, wall, usage = self.run(cmd, what=what)
         lo1, cpu1 = lo_rx_bytes(), proc_cpu_seconds(self.server.pid, children=True)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         return {
             "out": out,
             "wall_s": round(wall, 3),
@@ -160,6 +164,33 @@ class Bench:
             "server_rss_since_start": not hwm_reset,
             "cold_cache": cold,
         }
+
+    def spy(self, cmd: list[str], what: str) -> subprocess.Popen[bytes] | None:
+        """With --profile: record the server and wrap the client command in the profiler
+        (its figures then include the profiler's overhead). py-spy writes collapsed Python
+        stacks; perf (`--profiler perf`) native stacks of the whole process, kernel too."""
+        if self.args.profile is None:
+            return None
+        assert self.server is not None
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        name = what.replace(" ", "-").replace("(", "").replace(")", "")
+        out = self.args.profile
+        if self.args.profiler == "perf":
+            record = ["perf", "record", "-g", "-F", "999"]
+            cmd[:0] = [*record, "-o", str(out / f"client-{name}.perf"), "--"]
+            server_cmd = [*record, "-o", str(out / f"server-{name}.perf")]
+        else:
+            pyspy = shutil.which("py-spy") or str(Path(self.python).parent / "py-spy")
+            record = [pyspy, "record", "--format", "raw", "--rate", "250"]
+            cmd[:0] = [*record, "-o", str(out / f"client-{name}.txt"), "--"]
+            server_cmd = [*record, "-o", str(out / f"server-{name}.txt")]
+        server = subprocess.Popen(
+            [*server_cmd, "--pid", str(self.server.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # the profiler attaches
+        return server
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -272,7 +303,7 @@ class Bench:
         )
         log(f"{scenario}: replicore push")
         m = self.timed(cmd, f"push ({scenario})")
-        result = json.loads(m.pop("out"))
+        result = json.loads(m.pop("out").strip().splitlines()[-1])
         volume = result["volumes"][0]
         record = {
             "kind": "run",
@@ -445,6 +476,8 @@ class Bench:
         self.start_server()
         self.pair()
         first = self.push("first", 0)
+        if args.first_only:
+            return 0
         log(f"mutating {args.mutate}% of the blocks")
         out, _, _ = self.run(
             [
@@ -593,6 +626,13 @@ def main() -> int:
         help="skip the storage ceiling (it needs about 2x the stored bytes of disk)",
     )
     parser.add_argument("--results", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write py-spy collapsed stacks of server and client for each run to this dir",
+    )
+    parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy")
+    parser.add_argument("--first-only", action="store_true", help="stop after the first push")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
     if not args.image_tool.is_file():
