@@ -8,14 +8,13 @@ parsed arguments and returns the exit status. Errors meant for the user are rais
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .. import __version__
-from ..config import ConfigError
 from ..errors import ApiError
-from ..store.db import NoDatabase
 from . import common
 
 #: The command words each module registers, so that a command imports its own module only
@@ -61,12 +60,55 @@ def _command_word(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+#: Errors shown as one line with exit status 2, besides `common.CommandError`: (module, class).
+#: Looked up among the modules already imported, so that a command that never reads the
+#: config or opens the database does not import them (the store's import costs start-up) just
+#: to name errors it cannot raise.
+USAGE_ERRORS = (("replicore.config", "ConfigError"), ("replicore.store.db", "NoDatabase"))
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [common.CommandError]
+    for module_name, class_name in USAGE_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            kinds.append(getattr(module, class_name))
+    return tuple(kinds)
+
+
+#: Packages that a command's imports would load though the command never uses them: httpcore,
+#: push's HTTP client, imports trio and anyio (for its async API) and h2 (for HTTP/2) whenever
+#: they are installed, as they are for the daemon; push speaks synchronous HTTP/1.1, and trio
+#: alone is a third of its start-up. Hidden while the command's module is imported, in a
+#: command process only (`main()` without arguments): httpcore's async API then stays off for
+#: the rest of that process, which never calls it.
+UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"push": ("trio", "anyio", "h2")}
+
+
+@contextlib.contextmanager
+def _hidden(names: Sequence[str]) -> Iterator[None]:
+    """Make `import NAME` fail with ImportError for these packages, unless already imported."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # the documented way to hide one
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    command_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_command_word(argv)).parse_args(argv)
+    word = _command_word(argv)
+    with _hidden(UNUSED_IMPORTS.get(word or "", ()) if command_process else ()):
+        parser = build_parser(word)
+    args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (common.CommandError, ConfigError, NoDatabase) as error:
+    except _usage_errors() as error:  # evaluated only once an exception is being handled
         print(f"replicore: {error}", file=sys.stderr)
         return 2
     except ApiError as error:

@@ -1,21 +1,23 @@
-"""What every command shares: the --config option, opening the database, printing."""
+"""What every command shares: the --config option, opening the database, printing.
+
+The config and the store are imported by the functions that use them, not with this module:
+commands that need neither (`push`, `source`) start without them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import apsw
+if TYPE_CHECKING:
+    import apsw
 
-from .. import config as config_module
-from ..config import Config
-from ..store import db
+    from ..config import Config
 
 
 class CommandError(RuntimeError):
@@ -31,12 +33,16 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    return config_module.load(getattr(args, "config", None))
+    from .. import config
+
+    return config.load(getattr(args, "config", None))
 
 
 @contextlib.contextmanager
 def database(args: argparse.Namespace) -> Iterator[apsw.Connection]:
     """The daemon's database, opened for this command (never created here)."""
+    from ..store import db
+
     conn = db.open_existing(load_config(args).database_path)
     try:
         yield conn
@@ -70,6 +76,8 @@ def format_size(n: int | None) -> str:
 def read_password(from_stdin: bool, prompt: str = "Password: ", confirm: bool = False) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
     password = getpass.getpass(prompt)
     if confirm and getpass.getpass("Again: ") != password:
         raise CommandError("the passwords differ")

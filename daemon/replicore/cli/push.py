@@ -87,8 +87,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..source.direct import push_direct
-
     options = PushOptions(
         agent_id=args.agent,
         volumes=args.volumes,
@@ -100,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr,
     )
     try:
-        result = push_direct(options) if args.direct else push(options)
+        if args.direct:
+            from ..source.direct import push_direct
+
+            result = push_direct(options)
+        else:
+            result = push(options)
     except OptionError as error:
         raise CommandError(str(error)) from None
     except PushError as error:

@@ -4,6 +4,10 @@ The target's certificate is self-signed: the source fetches it once (`fetch_cert
 compares its SHA-256 with the fingerprint the operator gave, and from then on trusts exactly
 that certificate (it is the only CA of the client's SSL context; host names are not checked,
 the pin is). Requests carry the source's client certificate unless `anonymous`.
+
+httpx is imported by `client` and `async_client` only: `push` talks through httpcore
+(transport.py) and uses only the URL and TLS helpers from here, and importing httpx (with
+rich, which httpx's command-line module pulls in) would cost it some 60 ms of start-up.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from .. import certs
 from .identity import Identity
 
+if TYPE_CHECKING:
+    import httpx
+
 API_PATH = "/apprecovery/api/core/replicationcomms"
-TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+#: Seconds a control call waits for any one read, write or pooled connection; and to connect.
+TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
 
 
 class PinError(RuntimeError):
@@ -80,10 +87,12 @@ def base_url(url: str, prefix: str = API_PATH) -> str:
 
 def client(url: str, target_pem: str, identity: Identity | None, **kwargs: Any) -> httpx.Client:
     """A blocking client for control calls; paths are relative to replicationcomms/."""
+    import httpx
+
     return httpx.Client(
         base_url=base_url(url),
         verify=ssl_context(target_pem, identity),
-        timeout=kwargs.pop("timeout", TIMEOUT),
+        timeout=kwargs.pop("timeout", httpx.Timeout(TIMEOUT, connect=CONNECT_TIMEOUT)),
         **kwargs,
     )
 
@@ -91,9 +100,11 @@ def client(url: str, target_pem: str, identity: Identity | None, **kwargs: Any) 
 def async_client(
     url: str, target_pem: str, identity: Identity | None, **kwargs: Any
 ) -> httpx.AsyncClient:
+    import httpx
+
     return httpx.AsyncClient(
         base_url=base_url(url),
         verify=ssl_context(target_pem, identity),
-        timeout=kwargs.pop("timeout", TIMEOUT),
+        timeout=kwargs.pop("timeout", httpx.Timeout(TIMEOUT, connect=CONNECT_TIMEOUT)),
         **kwargs,
     )

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import apsw
-import trio
 
 from ..errors import InsufficientStorage
 
@@ -107,6 +106,8 @@ class Database:
     """One writer connection (serialised by a lock) and a pool of reader connections."""
 
     def __init__(self, path: Path, readers: int = 4, max_bytes: int = 0) -> None:
+        import trio
+
         self.path = path
         self._writer = connect(path, max_bytes=max_bytes)
         self._write_lock = trio.Lock()
@@ -139,6 +140,8 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
+        import trio
+
         def run() -> T:
             self._writer.execute(f"PRAGMA synchronous={synchronous}")
             with transaction(self._writer):
@@ -155,6 +158,8 @@ class Database:
 
     async def limit_size(self, max_bytes: int) -> None:
         """Cap the size of the database the writer may grow (0: no cap); see `limit_size`."""
+        import trio
+
         async with self._write_lock:
             await trio.to_thread.run_sync(limit_size, self._writer, max_bytes)
 
@@ -162,6 +167,8 @@ class Database:
         self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Run fn(conn, ...) on a reader connection, in one read transaction."""
+        import trio
+
         async with self._reader_limit:
             with self._thread_lock:
                 conn = self._readers.pop()
