@@ -23,7 +23,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import console, logs, metrics
+from . import console, logs, metrics, request_body
 from .api import BLUEPRINTS
 from .errors import ApiError
 from .runtime import Runtime
@@ -36,6 +36,7 @@ API_ROOT = "/replicationcomms"
 
 def create_app(runtime: Runtime) -> QuartTrio:
     app = QuartTrio("replicore", static_folder=None, template_folder=None)
+    app.request_class = request_body.Request
     app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_request_bytes
     app.config["BODY_TIMEOUT"] = 120
     app.config["RESPONSE_TIMEOUT"] = 600

@@ -104,7 +104,6 @@ FRAME_HEADER_SIZE = _FRAME.size  # 49
 MAX_KEYS_BATCH_BYTES = HEADER_SIZE + KEY_ENTRY_SIZE * MAX_KEYS_PER_BATCH
 
 _MAX_U64 = (1 << 64) - 1
-_COMPACT_THRESHOLD = 64 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -334,9 +333,12 @@ def compress_block(raw: bytes | memoryview, level: int = 1) -> tuple[int, bytes]
     return CODEC_RAW, bytes(raw)
 
 
-def decompress_record(codec: int, payload: bytes | memoryview, raw_length: int) -> bytes:
-    """Return the uncompressed block of a record; ProtocolError if it is not exactly
-    ``raw_length`` bytes or the payload is not a single valid zstd frame.
+def decompress_record(
+    codec: int, payload: bytes | memoryview, raw_length: int
+) -> bytes | memoryview:
+    """Return the uncompressed block of a record (for codec 0 the payload itself, not a
+    copy); ProtocolError if it is not exactly ``raw_length`` bytes or the payload is not a
+    single valid zstd frame.
 
     Never allocates more than ``raw_length`` bytes of output.
     """
@@ -345,7 +347,7 @@ def decompress_record(codec: int, payload: bytes | memoryview, raw_length: int) 
     if codec == CODEC_RAW:
         if len(payload) != raw_length:
             raise ProtocolError(f"codec 0 payload is {len(payload)} bytes, expected {raw_length}")
-        return bytes(payload)
+        return payload
     if codec != CODEC_ZSTD:
         raise ProtocolError(f"unknown codec {codec}")
     try:
@@ -370,73 +372,88 @@ def decompress_record(codec: int, payload: bytes | memoryview, raw_length: int) 
 
 
 class _ReceiveBuffer:
-    """Append-only byte buffer with a read offset (O(n) overall, like h11's).
+    """The body bytes fed so far and not yet read, as the chunks they arrived in.
 
-    While a single immutable ``bytes`` chunk is buffered, reads are zero-copy
-    memoryview slices of it; once chunks must be joined it switches to a
-    ``bytearray`` (payloads are then copied out, never the whole buffer) and
-    compacts the consumed prefix occasionally.
+    Reads are zero-copy views of a chunk; only bytes that straddle two chunks (a frame cut
+    by a read boundary) are joined, by copying just those bytes. Chunks are kept as
+    immutable ``bytes`` (a mutable buffer is copied when fed), so a view handed out stays
+    valid whatever is fed later.
     """
 
-    __slots__ = ("_base", "_data", "_pos")
+    __slots__ = ("_chunks", "_len", "_offset", "_pos")
 
     def __init__(self) -> None:
-        self._data: bytes | bytearray = b""
-        self._pos = 0
-        self._base = 0  # body offset of _data[0]
+        self._chunks: deque[bytes | memoryview] = deque()
+        self._pos = 0  # read position in the first chunk
+        self._len = 0  # unread bytes
+        self._offset = 0  # body offset of the next unread byte
 
     def __len__(self) -> int:
-        return len(self._data) - self._pos
+        return self._len
 
     @property
     def offset(self) -> int:
         """Body offset of the next unread byte."""
-        return self._base + self._pos
+        return self._offset
 
     @property
     def total(self) -> int:
         """Number of body bytes fed so far."""
-        return self._base + len(self._data)
+        return self._offset + self._len
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
-            data = data.cast("B")
-        if not len(data):
-            return
-        if self._pos >= len(self._data):
-            self._base += len(self._data)
-            self._data = bytes(data)  # no copy when data is already bytes
+        if not isinstance(data, bytes):
+            data = memoryview(data).cast("B").tobytes()
+        if data:
+            self._chunks.append(data)
+            self._len += len(data)
+
+    def _front(self, n: int) -> memoryview:
+        """A view of the next min(n, len) bytes, joining chunks only when they straddle."""
+        n = min(n, self._len)
+        chunks = self._chunks
+        if not chunks:
+            return memoryview(b"")
+        first = chunks[0]
+        if self._pos + n > len(first):
+            joined = bytearray(memoryview(first)[self._pos :])
+            chunks.popleft()
+            while len(joined) < n:
+                part = chunks[0]
+                need = n - len(joined)
+                if len(part) <= need:
+                    joined += part
+                    chunks.popleft()
+                else:
+                    joined += memoryview(part)[:need]
+                    chunks[0] = memoryview(part)[need:]
+            chunks.appendleft(bytes(joined))
             self._pos = 0
-            return
-        if not isinstance(self._data, bytearray):
-            self._base += self._pos
-            self._data = bytearray(memoryview(self._data)[self._pos :])
-            self._pos = 0
-        elif self._pos > _COMPACT_THRESHOLD and 2 * self._pos > len(self._data):
-            del self._data[: self._pos]
-            self._base += self._pos
-            self._pos = 0
-        self._data += data
+            first = chunks[0]
+        return memoryview(first)[self._pos : self._pos + n]
 
     def prefix(self, n: int) -> bytes:
-        return bytes(self._data[self._pos : self._pos + n])
+        return bytes(self._front(n))
 
     def unpack(self, st: struct.Struct) -> tuple:
-        return st.unpack_from(self._data, self._pos)
+        return st.unpack(self._front(st.size))
 
     def view(self, n: int) -> memoryview:
-        """Temporary view of the next n bytes: drop it before the next feed()."""
-        return memoryview(self._data)[self._pos : self._pos + n]
+        return self._front(n)
 
     def advance(self, n: int) -> None:
-        self._pos += n
+        self._len -= n
+        self._offset += n
+        pos = self._pos + n
+        chunks = self._chunks
+        while chunks and pos >= len(chunks[0]):
+            pos -= len(chunks.popleft())
+        self._pos = pos
 
-    def take(self, n: int) -> bytes | memoryview:
-        start = self._pos
-        self._pos += n
-        if isinstance(self._data, bytes):
-            return memoryview(self._data)[start : start + n]
-        return bytes(memoryview(self._data)[start : start + n])
+    def take(self, n: int) -> memoryview:
+        view = self._front(n)
+        self.advance(n)
+        return view
 
 
 class _Decoder:

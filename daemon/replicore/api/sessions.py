@@ -318,10 +318,9 @@ def _verify(
                 f"the record of block {frame.index} does not match its key",
                 blockIndex=frame.index,
             )
-        data = raw if frame.codec == protocol.CODEC_RAW else bytes(frame.payload)
         verified.append(
             sessions.VerifiedRecord(
-                frame.index, bytes(frame.key), frame.raw_length, frame.codec, data
+                frame.index, frame.key, frame.raw_length, frame.codec, frame.payload
             )
         )
     return verified, None

@@ -16,7 +16,6 @@ from .web import bp
 log = logging.getLogger("replicore.console")
 
 
-
 async def sample_once(rt: runtime.Runtime) -> int:
     """Measure and record one sample now; the rows written."""
     measured = await rt.db.read(usage_history.measure)

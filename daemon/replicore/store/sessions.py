@@ -438,7 +438,37 @@ class VerifiedRecord:
     key: bytes
     raw_length: int
     codec: int
-    data: bytes
+    data: bytes | memoryview
+
+
+def _announced_keys(conn: apsw.Connection, session_pk: int, indices: list[int]) -> dict[int, bytes]:
+    announced: dict[int, bytes] = {}
+    for start in range(0, len(indices), records.LOOKUP_CHUNK):
+        chunk = indices[start : start + records.LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        announced.update(
+            conn.execute(
+                "SELECT block_index, key FROM session_blocks"
+                f" WHERE session_pk = ? AND block_index IN ({marks})",
+                (session_pk, *chunk),
+            )
+        )
+    return announced
+
+
+def _release_reservations(conn: apsw.Connection, session_pk: int, keys: list[bytes]) -> int:
+    """Drop the reservations of `keys` (their records are stored); the bytes released."""
+    released = 0
+    for start in range(0, len(keys), records.LOOKUP_CHUNK):
+        chunk = keys[start : start + records.LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for (length,) in conn.execute(
+            f"DELETE FROM session_reservations WHERE session_pk = ? AND key IN ({marks})"
+            " RETURNING raw_length",
+            (session_pk, *chunk),
+        ):
+            released += length
+    return released
 
 
 def store_records(
@@ -449,58 +479,46 @@ def store_records(
     it or None); what was stored before the error is kept (the caller commits)."""
     session = get(conn, session_pk)
     count = session["block_count"]
-    wanted = sorted({record.index for record in batch if record.index < count})
-    announced: dict[int, bytes] = {}
-    for start in range(0, len(wanted), records.LOOKUP_CHUNK):
-        chunk = wanted[start : start + records.LOOKUP_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for index, key in conn.execute(
-            "SELECT block_index, key FROM session_blocks"
-            f" WHERE session_pk = ? AND block_index IN ({marks})",
-            (session_pk, *chunk),
-        ):
-            announced[index] = key
-    stored = already = released = 0
+    announced = _announced_keys(
+        conn, session_pk, sorted({record.index for record in batch if record.index < count})
+    )
+    accepted: list[VerifiedRecord] = []
     error: Unprocessable | None = None
-    repository_id = session["repository_id"]
     for record in batch:
         index = record.index
+        key = announced.get(index) if index < count else None
         if index >= count:
             error = Unprocessable(
                 f"block index {index} is outside the image (blocks 0..{count - 1})",
                 blockIndex=index,
             )
-            break
-        key = announced.get(index)
-        if key is None:
+        elif key is None:
             error = Unprocessable(
                 f"block {index} has no key announced in this session", blockIndex=index
             )
-            break
-        if key != record.key:
+        elif key != record.key:
             error = Unprocessable(
                 f"the record sent for block {index} is not the one its announced key names",
                 blockIndex=index,
             )
+        if error is not None:
             break
-        if records.insert(
-            conn, repository_id, record.key, record.raw_length, record.codec, record.data, now
-        ):
-            stored += 1
-        else:
-            already += 1
-        for (length,) in conn.execute(
-            "DELETE FROM session_reservations WHERE session_pk = ? AND key = ?"
-            " RETURNING raw_length",
-            (session_pk, record.key),
-        ):
-            released += length
+        accepted.append(record)
+    repository_id = session["repository_id"]
+    keys = list(dict.fromkeys(record.key for record in accepted))
+    present = records.present_keys(conn, repository_id, keys)
+    fresh: dict[bytes, VerifiedRecord] = {}
+    for record in accepted:
+        if record.key not in present:
+            fresh.setdefault(record.key, record)
+    records.insert_many(conn, repository_id, fresh.values(), now)
+    released = _release_reservations(conn, session_pk, keys)
     conn.execute(
         "UPDATE sessions SET reserved_bytes = reserved_bytes - ?, last_activity_at = ?"
         " WHERE id = ?",
         (released, now, session_pk),
     )
-    return stored, already, error
+    return len(fresh), len(accepted) - len(fresh), error
 
 
 # --------------------------------------------------------------------------
