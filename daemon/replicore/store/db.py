@@ -22,6 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import apsw
 
 from ..errors import InsufficientStorage
+from .checkpointer import Checkpointer
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -111,6 +112,7 @@ class Database:
         self.path = path
         self._writer = connect(path, max_bytes=max_bytes)
         self._write_lock = trio.Lock()
+        self._checkpointer = Checkpointer(path, self._writer, connect(path))
         self._readers = [connect(path) for _ in range(readers)]
         self._reader_limit = trio.CapacityLimiter(readers)
         self._thread_lock = threading.Lock()
@@ -184,5 +186,6 @@ class Database:
                     self._readers.append(conn)
 
     def close(self) -> None:
+        self._checkpointer.close()
         for conn in [self._writer, *self._readers]:
             conn.close()

@@ -1,0 +1,120 @@
+"""WAL checkpoints of the daemon's database, run beside the writer instead of inside it.
+
+In WAL mode every committed page is written twice: appended to the log, then copied into
+the database file by a checkpoint. SQLite's default runs that copy inside a commit, every
+1000 pages, with the write lock held, and syncs the log and the database around it: a record
+batch then waits for the copy of earlier ones. Here the writer's commits only append and
+report the log's size (a WAL hook); a thread with its own connection copies the log into the
+database once the writer has been idle for `IDLE_SECONDS`, or at once when the log passes
+`BUSY_BYTES` (a daemon that is never idle still checkpoints). While the log grows, the thread
+syncs it ahead every `SYNC_AHEAD_BYTES`, so that the fsync of a volume image's commit
+(synchronous=FULL) finds little left to write. The writer checkpoints itself only if the log
+ever reaches `BACKSTOP_BYTES` (the thread stalled behind a long reader, say).
+
+Durability does not depend on the checkpoint: a commit is durable once the log holding it is
+synced; a crash during a checkpoint is recovered by SQLite from the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import apsw
+
+log = logging.getLogger("replicore.store")
+
+IDLE_SECONDS = 1.0
+BUSY_BYTES = 768 * 1024 * 1024
+BACKSTOP_BYTES = 2 * BUSY_BYTES
+SYNC_AHEAD_BYTES = 64 * 1024 * 1024
+#: After a checkpoint SQLite reuses the log from its start; this much of the file is kept.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+class Checkpointer:
+    """Owns the WAL hook of the writer connection, and a thread and connection of its own."""
+
+    def __init__(self, path: Path, writer: apsw.Connection, own: apsw.Connection) -> None:
+        page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
+        self._wal_path = f"{path}-wal"
+        self._busy_pages = BUSY_BYTES // page_size
+        self._backstop_pages = BACKSTOP_BYTES // page_size
+        self._sync_pages = SYNC_AHEAD_BYTES // page_size
+        self._conn = own
+        for conn in (writer, own):
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._pages = 0  # pages in the log, as the writer's last commit reported
+        self._commits = 0
+        self._last_commit = time.monotonic()
+        writer.set_wal_hook(self._on_commit)
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _on_commit(self, conn: apsw.Connection, _name: str, pages: int) -> int:
+        with self._lock:
+            self._pages = pages
+            self._commits += 1
+            self._last_commit = time.monotonic()
+        self._wake.set()
+        if pages >= self._backstop_pages:
+            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        return apsw.SQLITE_OK
+
+    def _run(self) -> None:
+        synced = 0  # log pages known to be on disk
+        checkpointed = 0  # commits copied into the database
+        retry_at = 0.0
+        while not self._stopping:
+            with self._lock:
+                pages, commits, last_commit = self._pages, self._commits, self._last_commit
+            now = time.monotonic()
+            if pages < synced:  # the log was restarted from its beginning
+                synced = 0
+            timeout = None
+            if commits != checkpointed:
+                due = max(last_commit + IDLE_SECONDS, retry_at)
+                if now >= due or (pages >= self._busy_pages and now >= retry_at):
+                    if self._checkpoint():
+                        checkpointed, synced = commits, pages
+                    else:
+                        retry_at = now + IDLE_SECONDS
+                    continue
+                timeout = due - now
+            if pages - synced >= self._sync_pages:
+                self._sync_log()
+                synced = pages
+            self._wake.wait(timeout)
+            self._wake.clear()
+        self._conn.close()
+
+    def _checkpoint(self) -> bool:
+        """Copy the log into the database; True when all of it was copied (a reader still
+        using older pages of the log leaves the rest for the next try)."""
+        try:
+            _, log_pages, copied = self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except apsw.Error as error:
+            log.warning("WAL checkpoint failed: %s", error)
+            return False
+        return copied == log_pages
+
+    def _sync_log(self) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(self._wal_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Stop the thread (after the checkpoint it may be running) and close its connection."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
