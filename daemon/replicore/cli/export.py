@@ -3,27 +3,29 @@
 Runs on the target against its database (the daemon may be running: the export reads one
 consistent snapshot). The image is chosen by agent and volume, then by epoch, by recovery
 point, or else the latest committed epoch; `--source` picks the source when two sources have
-an agent of that id. An orphaned image is refused, naming the epoch it is missing. The bytes
-go to FILE.tmp, are flushed to disk, then renamed to FILE; the command prints the bytes
-written and the BLAKE3 and SHA-256 of the output.
+an agent of that id. An orphaned image is refused, naming the epoch it is missing.
+
+The image is read by `store/image_reader.py` (every block checked against its key on a small
+thread pool) and written to FILE.tmp by the same threads at each chunk's offset, with direct
+I/O where the file system takes it; all-zero blocks are left as holes. The file is fsynced,
+renamed to FILE and the rename made durable; the command prints the bytes written and the
+BLAKE3 of the output (SHA-256 too with `--sha256`), hashed in order as the chunks come.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import os
-import queue
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import apsw
 import blake3
 
-from ..store import images
+from ..store import image_reader, images
 from ..store.db import row, rows
 from .common import CommandError, add_config_option, database
 
@@ -106,69 +108,131 @@ def find_image(
     return image
 
 
-_END = object()
-#: Blocks read ahead of the writer (64 KiB blocks: 4 MiB).
-READ_AHEAD = 64
+#: Bytes written between two requests to start writing them back to disk, so that the final
+#: fsync finds most of the file on disk already (when the file is written through the cache).
+WRITEBACK_BYTES = 64 * 1024 * 1024
+#: Alignment of offsets and lengths that direct I/O is given (chunks are page-aligned and
+#: blocks are at least 4 KiB; only the image's last page can be short).
+DIRECT_ALIGN = 4096
 
 
-def _read_ahead(conn: apsw.Connection, image_id: int) -> Iterator[bytes]:
-    """`images.read_image` on a thread of its own, so that fetching, decompressing and
-    checking the records overlaps writing and hashing the file (the connection is used by
-    that thread alone until the generator ends)."""
-    blocks: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
-    stop = threading.Event()
+class _Output:
+    """FILE.tmp, written at offsets from several threads: with O_DIRECT where the file system
+    takes it (no copy into the page cache, nothing left to write back at the fsync, the
+    daemon's cache left alone), else through the page cache. Zero blocks are never written:
+    the file is sized first, so they stay holes."""
 
-    def produce() -> None:
+    def __init__(self, path: Path, size: int) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self.direct: int | None = None
+        self.flushed = 0
         try:
-            for block in images.read_image(conn, image_id):
-                if stop.is_set():
-                    return
-                blocks.put(block)
-            blocks.put(_END)
-        except BaseException as error:  # handed to the consumer, raised there
-            blocks.put(error)
+            os.ftruncate(self.fd, size)
+            self._open_direct(path)
+        except BaseException:
+            self.close()
+            raise
 
-    reader = threading.Thread(target=produce, name="export-reader", daemon=True)
-    reader.start()
-    try:
-        while (item := blocks.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while reader.is_alive():  # let a producer blocked on a full queue finish
-            with contextlib.suppress(queue.Empty):
-                blocks.get(timeout=0.05)
-        reader.join()
+    def _open_direct(self, path: Path) -> None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return
+        try:
+            self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # no direct I/O on this file system
+                return
+            raise
+        mine, opened = os.fstat(self.fd), os.fstat(self.direct)
+        if (mine.st_dev, mine.st_ino) != (opened.st_dev, opened.st_ino):  # replaced meanwhile
+            os.close(self.direct)
+            self.direct = None
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if self.direct is not None:
+            aligned = len(data) - len(data) % DIRECT_ALIGN
+            try:
+                _pwrite_all(self.direct, data[:aligned], offset)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # alignment this device does not take: use the cache
+            else:
+                data, offset = data[aligned:], offset + aligned
+        _pwrite_all(self.fd, data, offset)
+
+    def written(self, offset: int) -> None:
+        """Everything before `offset` is written: start writing it back (cached writes)."""
+        if self.direct is None and offset - self.flushed >= WRITEBACK_BYTES:
+            os.posix_fadvise(self.fd, self.flushed, offset - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = offset
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        for fd in (self.direct, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.direct = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset`, however short the kernel's writes are."""
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 def export(
     conn: apsw.Connection, image_id: int, output: Path, *, sha256: bool = False
 ) -> tuple[int, str, str | None]:
     """Write the image to `output` (through output.tmp, fsynced, renamed); returns
-    (bytes written, BLAKE3 hex, SHA-256 hex or None). Call inside a read transaction."""
+    (bytes written, BLAKE3 hex, SHA-256 hex or None). All-zero blocks are left as holes.
+    Call inside a read transaction."""
     reason = images.orphan_reason(conn, image_id)
     if reason is not None:
         raise CommandError(reason)
+    image = images.get(conn, image_id)
+    size, block_size = image["size"], image["block_size"]
+    hashers: list[Any] = [blake3.blake3()]
+    if sha256:
+        hashers.append(hashlib.sha256())
     tmp = output.with_name(output.name + ".tmp")
-    b3, sha = blake3.blake3(), hashlib.sha256() if sha256 else None
-    written = 0
+
+    def write(chunk: image_reader.Chunk) -> None:
+        base = chunk.start * block_size
+        for begin, end in chunk.runs:
+            out.write(chunk.data[begin:end], base + begin)
+
     try:
-        with tmp.open("wb") as out:
-            for block in _read_ahead(conn, image_id):
-                out.write(block)
-                b3.update(block)
-                if sha is not None:
-                    sha.update(block)
-                written += len(block)
-            out.flush()
-            os.fsync(out.fileno())
+        out = _Output(tmp, size)
+        try:
+            chunks = image_reader.read_chunks(conn, image_id, each=write)
+            with contextlib.closing(chunks):  # its threads are done writing before the close
+                for chunk in chunks:
+                    for hasher in hashers:
+                        hasher.update(chunk.data)
+                    out.written(chunk.start * block_size + len(chunk.data))
+            out.sync()
+        finally:
+            out.close()
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return written, b3.hexdigest(), sha.hexdigest() if sha is not None else None
+    _sync_directory(output.parent)
+    hexes = [hasher.hexdigest() for hasher in hashers]
+    return size, hexes[0], hexes[1] if sha256 else None
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def run_export(args: argparse.Namespace) -> int:

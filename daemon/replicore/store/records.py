@@ -151,6 +151,36 @@ def fetch(
     return found
 
 
+class Place(NamedTuple):
+    """Where a stored record is: read its data with `open_data(conn, rowid)`."""
+
+    rowid: int
+    codec: int
+    raw_length: int
+    stored_length: int
+
+
+def locate(conn: apsw.Connection, repository_id: int, keys: Iterable[bytes]) -> dict[bytes, Place]:
+    """The places of the stored records of `keys` that the repository holds."""
+    wanted = list(dict.fromkeys(keys))
+    found: dict[bytes, Place] = {}
+    for chunk in _chunks(wanted):
+        marks = ",".join("?" * len(chunk))
+        for key, *place in conn.execute(
+            "SELECT key, id, codec, raw_length, stored_length FROM records"
+            f" WHERE repository_id = ? AND key IN ({marks})",
+            (repository_id, *chunk),
+        ):
+            found[key] = Place(*place)
+    return found
+
+
+def open_data(conn: apsw.Connection, rowid: int) -> apsw.Blob:
+    """The stored bytes of record `rowid`, read-only, for `Blob.read_into` (`reopen` it on
+    another record; close it before the transaction ends)."""
+    return conn.blob_open("main", "records", "data", rowid, False)
+
+
 def usage(conn: apsw.Connection, repository_id: int) -> dict[str, int]:
     """Totals of the repository's records: `record_count`, `stored_bytes`, `raw_bytes`."""
     found = conn.execute(
