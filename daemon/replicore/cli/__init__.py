@@ -8,10 +8,9 @@ parsed arguments and returns the exit status. Errors meant for the user are rais
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ApiError
@@ -76,36 +75,9 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-#: Packages that a command's imports would load though the command never uses them: httpcore,
-#: push's HTTP client, imports trio and anyio (for its async API) and h2 (for HTTP/2) whenever
-#: they are installed, as they are for the daemon; push speaks synchronous HTTP/1.1, and trio
-#: alone is a third of its start-up. Hidden while the command's module is imported, in a
-#: command process only (`main()` without arguments): httpcore's async API then stays off for
-#: the rest of that process, which never calls it.
-UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"push": ("trio", "anyio", "h2")}
-
-
-@contextlib.contextmanager
-def _hidden(names: Sequence[str]) -> Iterator[None]:
-    """Make `import NAME` fail with ImportError for these packages, unless already imported."""
-    hidden = [name for name in names if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # the documented way to hide one
-    try:
-        yield
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    command_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    word = _command_word(argv)
-    with _hidden(UNUSED_IMPORTS.get(word or "", ()) if command_process else ()):
-        parser = build_parser(word)
-    args = parser.parse_args(argv)
+    args = build_parser(_command_word(argv)).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except _usage_errors() as error:  # evaluated only once an exception is being handled

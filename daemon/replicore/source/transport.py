@@ -1,15 +1,21 @@
 """The push client's HTTP transport: pinned TLS connections that count every byte on the wire.
 
 `TargetClient` sends requests to a paired target over a pool of keep-alive HTTP/1.1
-connections (httpcore, thread-safe, one connection per concurrent caller).  TLS is done here,
-not by `ssl.SSLSocket`: `_TLSStream` runs an `ssl.SSLObject` over memory BIOs on a plain TCP
-socket, so every byte that passes through the socket is counted (`WireCounter`: the TLS
-records, handshake included, both directions; TCP/IP headers are not counted), and sends can
-be paced by a `TokenBucket` on those same bytes.  OpenSSL releases the GIL while it encrypts,
-so connections driven from several threads encrypt in parallel.
+connections (thread-safe, one connection per concurrent caller; h11 speaks the protocol).  TLS
+is done here, not by `ssl.SSLSocket`: `_TLSStream` runs an `ssl.SSLObject` over memory BIOs on
+a plain TCP socket, so every byte that passes through the socket is counted (`WireCounter`: the
+TLS records, handshake included, both directions; TCP/IP headers are not counted), and sends
+can be paced by a `TokenBucket` on those same bytes.  OpenSSL releases the GIL while it
+encrypts, so connections driven from several threads encrypt in parallel.  A request body (one
+bytes-like object, or a sequence of them sent one after the other) goes to OpenSSL as it is,
+without a copy joining it to the request head.
 
 The SSL context is `connection.ssl_context`: the target's pinned certificate is the only
 trusted one, and the source presents its client certificate.
+
+httpcore is not used: for a push, which sends blocking HTTP/1.1 requests, its pool was all it
+added to h11, and importing it imports trio, anyio and h2 whenever they are installed (as they
+are for the daemon), a third of the push command's start-up.
 """
 
 from __future__ import annotations
@@ -21,23 +27,33 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
-import httpcore
+import h11
 
 from .connection import base_url, host_port, ssl_context
 from .identity import Identity
 from .ratelimit import TokenBucket
 
+#: A request body: one bytes-like object, or pieces sent in order (no copy joins them).
+Body: TypeAlias = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
 #: Plaintext written to OpenSSL at once (it turns it into 16 KiB TLS records).
 WRITE_PIECE = 1024 * 1024
 #: Bytes asked from the socket at once.
 RECV_SIZE = 256 * 1024
+#: Plaintext asked from OpenSSL at once (it hands out one TLS record's at most).
+READ_SIZE = 64 * 1024
+#: Largest answer head h11 buffers (the same bound httpcore used).
+MAX_HEAD_BYTES = 100 * 1024
 
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 300.0
+#: Seconds an idle pooled connection is kept for reuse.
+KEEPALIVE_SECONDS = 30.0
 #: Attempts of one request when the connection fails (the data-path requests are idempotent).
 ATTEMPTS = 4
 #: Statuses that mean "try again later".
@@ -50,6 +66,18 @@ class TransportError(RuntimeError):
 
 class PinMismatch(TransportError):
     """The target presented a certificate other than the pinned one."""
+
+
+class _Failed(Exception):
+    """One attempt failed on the network: connecting, TLS, reading, writing, a timeout."""
+
+
+class _Disconnected(_Failed):
+    """The target closed the connection before its whole answer, or broke HTTP/1.1."""
+
+
+class _WriteFailed(_Failed):
+    """Sending the request failed; the target may have answered before it stopped reading."""
 
 
 class WireCounter:
@@ -83,43 +111,7 @@ def _readable(sock: socket.socket) -> bool:
     return bool(ready)
 
 
-class _PlainStream(httpcore.NetworkStream):
-    """A TCP connection before TLS; only start_tls is used on it."""
-
-    def __init__(self, sock: socket.socket, backend: CountingBackend) -> None:
-        self._sock = sock
-        self._backend = backend
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        raise httpcore.ReadError("plain-text HTTP is not used")
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        raise httpcore.WriteError("plain-text HTTP is not used")
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        stream = _TLSStream(self._sock, ssl_context, server_hostname, self._backend)
-        try:
-            stream.handshake(timeout)
-        except BaseException:
-            stream.close()
-            raise
-        return stream
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "socket":
-            return self._sock
-        return None
-
-
-class _TLSStream(httpcore.NetworkStream):
+class _TLSStream:
     """TLS over a plain socket through memory BIOs, counting and pacing the socket bytes."""
 
     def __init__(
@@ -127,7 +119,8 @@ class _TLSStream(httpcore.NetworkStream):
         sock: socket.socket,
         context: ssl.SSLContext,
         server_hostname: str | None,
-        backend: CountingBackend,
+        counter: WireCounter,
+        bucket: TokenBucket | None,
     ) -> None:
         self._sock = sock
         self._incoming = ssl.MemoryBIO()
@@ -135,8 +128,8 @@ class _TLSStream(httpcore.NetworkStream):
         self._ssl = context.wrap_bio(
             self._incoming, self._outgoing, server_hostname=server_hostname
         )
-        self._counter = backend.counter
-        self._bucket = backend.bucket
+        self._counter = counter
+        self._bucket = bucket
 
     # -- socket level ------------------------------------------------------------------
 
@@ -156,7 +149,7 @@ class _TLSStream(httpcore.NetworkStream):
         else:
             self._incoming.write_eof()
 
-    # -- httpcore interface ------------------------------------------------------------
+    # -- stream interface --------------------------------------------------------------
 
     def handshake(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
@@ -170,14 +163,17 @@ class _TLSStream(httpcore.NetworkStream):
                     self._flush()
                     self._fill()
         except ssl.SSLCertVerificationError as exc:
-            raise httpcore.ConnectError(f"certificate check failed: {exc.verify_message}") from exc
+            raise _Failed(f"certificate check failed: {exc.verify_message}") from exc
         except TimeoutError as exc:
-            raise httpcore.ConnectTimeout("TLS handshake timed out") from exc
+            raise _Failed("TLS handshake timed out") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise httpcore.ConnectError(f"TLS handshake failed: {exc}") from exc
+            raise _Failed(f"TLS handshake failed: {exc}") from exc
 
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
+
+    def read(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` of plaintext; b"" once the target closed the connection."""
         try:
             while True:
                 try:
@@ -190,83 +186,188 @@ class _TLSStream(httpcore.NetworkStream):
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
         except TimeoutError as exc:
-            raise httpcore.ReadTimeout("timed out waiting for the target") from exc
+            raise _Failed("timed out waiting for the target") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise httpcore.ReadError(str(exc)) from exc
+            raise _Failed(str(exc)) from exc
 
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._sock.settimeout(timeout)
+    def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Encrypt and send `buffers` in order, in pieces of at most WRITE_PIECE (or the rate
+        limiter's piece): OpenSSL reads them in place, nothing joins them first."""
         piece = WRITE_PIECE if self._bucket is None else self._bucket.piece_size
-        view = memoryview(buffer)
         try:
-            for start in range(0, len(view), piece):
-                self._ssl.write(view[start : start + piece])
-                self._flush()
+            for buffer in buffers:
+                view = memoryview(buffer)
+                for start in range(0, len(view), piece):
+                    self._ssl.write(view[start : start + piece])
+                    if self._bucket is not None or self._outgoing.pending >= piece:
+                        self._flush()
+            self._flush()
         except TimeoutError as exc:
-            raise httpcore.WriteTimeout("timed out sending to the target") from exc
+            raise _Failed("timed out sending to the target") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise httpcore.WriteError(str(exc)) from exc
+            raise _WriteFailed(str(exc)) from exc
+
+    def readable(self) -> bool:
+        """Whether the target sent anything (on an idle connection: that it is closing)."""
+        return self._incoming.pending > 0 or _readable(self._sock)
 
     def close(self) -> None:
         self._sock.close()
 
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("TLS in TLS is not supported")
 
-    def get_extra_info(self, info: str) -> Any:
-        if info == "ssl_object":
-            return self._ssl
-        if info == "socket":
-            return self._sock
-        if info == "client_addr":
-            return self._sock.getsockname()
-        if info == "server_addr":
-            return self._sock.getpeername()
-        if info == "is_readable":
-            return self._incoming.pending > 0 or _readable(self._sock)
-        return None
-
-
-class CountingBackend(httpcore.NetworkBackend):
-    """httpcore network backend whose TLS streams count (and optionally pace) socket bytes."""
-
-    def __init__(self, counter: WireCounter, bucket: TokenBucket | None = None) -> None:
-        self.counter = counter
-        self.bucket = bucket
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        source = None if local_address is None else (local_address, 0)
-        try:
-            sock = socket.create_connection((host, port), timeout, source_address=source)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+def _open_tls(
+    host: str, port: int, context: ssl.SSLContext, counter: WireCounter, bucket: TokenBucket | None
+) -> _TLSStream:
+    """A TCP connection to the target and the TLS handshake on it, within CONNECT_TIMEOUT."""
+    try:
+        sock = socket.create_connection((host, port), CONNECT_TIMEOUT)
+    except TimeoutError as exc:
+        raise _Failed(f"connecting to {host}:{port} timed out") from exc
+    except OSError as exc:
+        raise _Failed(f"cannot connect to {host}:{port}: {exc}") from exc
+    try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        self.counter.opened()
-        return _PlainStream(sock, self)
+        counter.opened()
+        stream = _TLSStream(sock, context, host, counter, bucket)
+        stream.handshake(CONNECT_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return stream
 
-    def connect_unix_socket(
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: h11's state machine over a `_TLSStream`."""
+
+    def __init__(self, stream: _TLSStream, timeout: float) -> None:
+        self._stream = stream
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        stream.settimeout(timeout)  # the read and the write timeout are the same
+        self.idle_since = time.monotonic()
+
+    def reusable(self) -> bool:
+        """Idle less than KEEPALIVE_SECONDS, and the target has not started to close it."""
+        if time.monotonic() - self.idle_since > KEEPALIVE_SECONDS:
+            return False
+        return not self._stream.readable()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def exchange(
         self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used")
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: Sequence[memoryview],
+    ) -> tuple[Answer, bool]:
+        """Send one request and read its whole answer; returns it and whether this connection
+        can carry another request."""
+        conn = self._h11
+        parts: list[Any] = [conn.send(h11.Request(method=method, target=target, headers=headers))]
+        for piece in body:
+            if piece:
+                parts.extend(conn.send_with_data_passthrough(h11.Data(data=piece)) or ())
+        parts.append(conn.send(h11.EndOfMessage()))
+        sent = True
+        try:
+            self._stream.write(parts)
+        except _WriteFailed:
+            # A target may refuse a request before reading all of it, and answer: read that.
+            sent = False
+        del parts
+        response = self._next_event()
+        while not isinstance(response, h11.Response):  # 1xx answers precede the real one
+            response = self._next_event()
+        chunks: list[bytes | bytearray] = []
+        while not isinstance(event := self._next_event(), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                chunks.append(event.data)
+        answer = Answer(
+            response.status_code,
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers},
+            b"".join(chunks),
+        )
+        again = sent and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        if again:
+            conn.start_next_cycle()
+            self.idle_since = time.monotonic()
+        return answer, again
+
+    def _next_event(self) -> Any:
+        conn = self._h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Disconnected(str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            data = self._stream.read(READ_SIZE)
+            if not data and conn.their_state is h11.SEND_RESPONSE:
+                raise _Disconnected("Server disconnected without sending a response.")
+            conn.receive_data(data)
+
+
+class _Pool:
+    """At most `size` connections to one target, each carrying one request at a time; a
+    caller waits for one when all are busy."""
+
+    def __init__(self, size: int, connect: Callable[[], _Connection]) -> None:
+        self._size = max(1, size)
+        self._connect = connect
+        self._ready = threading.Condition()
+        self._idle: list[_Connection] = []
+        self._open = 0  # idle, busy, and being opened
+        self._closed = False
+
+    def acquire(self) -> _Connection:
+        stale: list[_Connection] = []
+        try:
+            with self._ready:
+                while True:
+                    while self._idle:
+                        conn = self._idle.pop()  # the most recently used
+                        if conn.reusable():
+                            return conn
+                        self._open -= 1
+                        stale.append(conn)
+                    if self._open < self._size:
+                        self._open += 1
+                        break
+                    self._ready.wait()
+        finally:
+            for conn in stale:
+                conn.close()
+        try:
+            return self._connect()
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def release(self, conn: _Connection, reusable: bool) -> None:
+        with self._ready:
+            if reusable and not self._closed:
+                self._idle.append(conn)
+                self._ready.notify()
+                return
+        conn.close()
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        with self._ready:
+            self._open -= 1
+            self._ready.notify()
+
+    def close(self) -> None:
+        """Close the idle connections now, the busy ones when their request ends."""
+        with self._ready:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._ready.notify_all()
+        for conn in idle:
+            conn.close()
 
 
 @dataclass
@@ -292,7 +393,11 @@ class Answer:
         return text or f"HTTP {self.status}"
 
 
-_NETWORK_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.RemoteProtocolError)
+def _pieces(content: Body) -> list[memoryview]:
+    """The body as byte views of its pieces, without copying any."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        content = [content]
+    return [memoryview(piece).cast("B") for piece in content]
 
 
 class TargetClient:
@@ -310,27 +415,23 @@ class TargetClient:
         read_timeout: float = READ_TIMEOUT,
         attempts: int = ATTEMPTS,
     ) -> None:
-        host_port(url)  # validates the URL
+        self._address = host_port(url)  # validates the URL
         self.url = url
         self.counter = counter or WireCounter()
-        self._base = base_url(url).encode()
+        self._target = urlsplit(base_url(url)).path.encode()
+        self._host = urlsplit(url).netloc.rpartition("@")[2].encode()
         self._attempts = attempts
         self._answered = False
-        self._timeouts = {
-            "connect": CONNECT_TIMEOUT,
-            "read": read_timeout,
-            "write": read_timeout,
-            "pool": None,
-        }
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=ssl_context(target_pem, source),
-            max_connections=connections,
-            max_keepalive_connections=connections,
-            keepalive_expiry=30.0,
-            http1=True,
-            http2=False,
-            network_backend=CountingBackend(self.counter, bucket),
-        )
+        self._context = ssl_context(target_pem, source)
+        self._context.set_alpn_protocols(["http/1.1"])
+        self._bucket = bucket
+        self._timeout = read_timeout
+        self._pool = _Pool(connections, self._connect)
+
+    def _connect(self) -> _Connection:
+        host, port = self._address
+        stream = _open_tls(host, port, self._context, self.counter, self._bucket)
+        return _Connection(stream, self._timeout)
 
     def close(self) -> None:
         self._pool.close()
@@ -347,43 +448,36 @@ class TargetClient:
         path: str,
         *,
         json_body: Any = None,
-        content: bytes | None = None,
+        content: Body | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = True,
     ) -> Answer:
         """Send one request (path relative to .../replicationcomms/) and read the whole answer.
 
-        Connection failures and 429/503 answers are retried (the data-path requests are
-        idempotent); after the last attempt a TransportError is raised.  Other statuses are
-        returned as they are.
+        `content` is sent as it is (bytes-like, or a sequence of pieces sent in order),
+        without a copy.  Connection failures and 429/503 answers are retried (the data-path
+        requests are idempotent); after the last attempt a TransportError is raised.  Other
+        statuses are returned as they are.
         """
-        head = [(b"Host", b""), (b"Accept", b"application/json")]
+        head = [(b"Host", self._host), (b"Accept", b"application/json")]
+        body: list[memoryview] = []
         if json_body is not None:
-            content = json.dumps(json_body, separators=(",", ":")).encode()
+            body = _pieces(json.dumps(json_body, separators=(",", ":")).encode())
             head.append((b"Content-Type", b"application/json"))
         elif content is not None:
+            body = _pieces(content)
             head.append((b"Content-Type", b"application/octet-stream"))
-        if content is not None:
-            head.append((b"Content-Length", str(len(content)).encode()))
+        if json_body is not None or content is not None:
+            head.append((b"Content-Length", b"%d" % sum(len(piece) for piece in body)))
         head.extend((k.encode(), v.encode()) for k, v in (headers or {}).items())
-        url = httpcore.URL(self._base + b"/" + path.lstrip("/").encode())
-        head[0] = (b"Host", url.host + (b":%d" % url.port if url.port else b""))
+        target = self._target + b"/" + path.lstrip("/").encode()
         attempts = self._attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                response = self._pool.request(
-                    method.encode(),
-                    url,
-                    headers=head,
-                    content=content,
-                    extensions={"timeout": self._timeouts},
-                )
-            except _NETWORK_ERRORS as exc:
+                answer = self._exchange(method.encode(), target, head, body)
+            except _Failed as exc:
                 _refuse_tls_failures(self.url, exc)
-                never_answered = not self._answered and isinstance(
-                    exc, httpcore.RemoteProtocolError
-                )
-                if never_answered and attempt >= 2:
+                if not self._answered and isinstance(exc, _Disconnected) and attempt >= 2:
                     # The target drops a TLS client it does not know right after the
                     # handshake, without a word.
                     raise TransportError(
@@ -396,21 +490,30 @@ class TargetClient:
                 time.sleep(_backoff(attempt))
                 continue
             self._answered = True
-            answer = Answer(
-                response.status,
-                {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers},
-                response.content,
-            )
             if answer.status in RETRY_STATUSES and attempt < attempts:
                 time.sleep(_retry_after(answer, attempt))
                 continue
             return answer
         raise AssertionError("unreachable")
 
+    def _exchange(
+        self,
+        method: bytes,
+        target: bytes,
+        head: list[tuple[bytes, bytes]],
+        body: Sequence[memoryview],
+    ) -> Answer:
+        conn = self._pool.acquire()
+        again = False
+        try:
+            answer, again = conn.exchange(method, target, head, body)
+        finally:
+            self._pool.release(conn, again)
+        return answer
+
 
 def _ssl_cause(exc: BaseException) -> BaseException | None:
-    """The ssl error behind a transport error (httpcore re-raises with `from None`, so the
-    chain is followed through __context__ as well)."""
+    """The ssl error behind a transport error (followed through __context__ as well)."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None or isinstance(seen, ssl.SSLError):
