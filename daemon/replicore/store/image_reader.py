@@ -29,7 +29,6 @@ import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import apsw
@@ -215,6 +214,22 @@ class _Reader:
         return Chunk(job.start, view[:offset], runs)
 
 
+class _Stopped(Exception):
+    """A job skipped because the consumer is gone."""
+
+
+class _Task:
+    """A job on the pool, and its outcome once `done` is set."""
+
+    __slots__ = ("chunk", "done", "error", "job")
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.done = threading.Event()
+        self.chunk: Chunk | None = None
+        self.error: BaseException | None = None
+
+
 def read_chunks(
     conn: apsw.Connection,
     image_id: int,
@@ -231,15 +246,22 @@ def read_chunks(
     free: queue.Queue[_Buffers | None] = queue.Queue()
     for _ in range(AHEAD + 3):
         free.put(_Buffers(reader.step * reader.block_size))
-    pending: queue.Queue[Any] = queue.Queue(maxsize=AHEAD)
+    pending: queue.Queue[Any] = queue.Queue(maxsize=AHEAD)  # tasks in image order
+    jobs: queue.Queue[_Task | None] = queue.Queue()
     stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-decode")
 
-    def decode(job: _Job) -> Chunk:
-        chunk = reader.decode(job)
-        if each is not None:
-            each(chunk)
-        return chunk
+    def work() -> None:
+        while (task := jobs.get()) is not None:
+            try:
+                if stop.is_set():
+                    raise _Stopped  # nobody waits for it any more
+                task.chunk = reader.decode(task.job)
+                if each is not None:
+                    each(task.chunk)
+            except BaseException as error:  # handed to the consumer, raised there
+                task.error = error
+            finally:
+                task.done.set()
 
     def produce() -> None:
         try:
@@ -247,24 +269,30 @@ def read_chunks(
                 buffers = free.get()
                 if buffers is None or stop.is_set():
                     return
-                job = reader.read(start, min(reader.count, start + reader.step), buffers)
-                pending.put((pool.submit(decode, job), buffers))
+                task = _Task(reader.read(start, min(reader.count, start + reader.step), buffers))
+                jobs.put(task)
+                pending.put(task)
             pending.put(_END)
         except BaseException as error:  # handed to the consumer, raised there
             pending.put(error)
         finally:
             reader.close()
 
+    workers = [
+        threading.Thread(target=work, name=f"image-decode-{n}", daemon=True) for n in range(threads)
+    ]
     producer = threading.Thread(target=produce, name="image-read", daemon=True)
-    producer.start()
+    for thread in (*workers, producer):
+        thread.start()
     try:
         while (item := pending.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            future: Future[Chunk]
-            future, buffers = item
-            yield future.result()
-            free.put(buffers)
+            item.done.wait()
+            if item.error is not None:
+                raise item.error
+            yield item.chunk
+            free.put(item.job.buffers)
     finally:
         stop.set()
         free.put(None)
@@ -272,4 +300,7 @@ def read_chunks(
             with contextlib.suppress(queue.Empty):
                 pending.get(timeout=0.05)
         producer.join()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for _ in workers:
+            jobs.put(None)
+        for thread in workers:
+            thread.join()
