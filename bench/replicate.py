@@ -153,6 +153,7 @@ class Bench:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+        after = self.settle()
         return {
             "out": out,
             "wall_s": round(wall, 3),
@@ -160,6 +161,7 @@ class Bench:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "client_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "server_cpu_s": round(cpu1 - cpu0, 2),
+            "server_cpu_after_s": round(after, 2),
             "server_rss_mib": round(proc_status_kib(self.server.pid, "VmHWM") / 1024, 1),
             "server_rss_since_start": not hwm_reset,
             "cold_cache": cold,
@@ -181,7 +183,7 @@ class Bench:
             server_cmd = [*record, "-o", str(out / f"server-{name}.perf")]
         else:
             pyspy = shutil.which("py-spy") or str(Path(self.python).parent / "py-spy")
-            record = [pyspy, "record", "--format", "raw", "--rate", "250"]
+            record = [pyspy, "record", "--format", "raw", "--rate", "250", *self.args.profiler_args]
             cmd[:0] = [*record, "-o", str(out / f"client-{name}.txt"), "--"]
             server_cmd = [*record, "-o", str(out / f"server-{name}.txt")]
         server = subprocess.Popen(
@@ -191,6 +193,20 @@ class Bench:
         )
         time.sleep(1.0)  # the profiler attaches
         return server
+
+    def settle(self) -> float:
+        """Wait until the server stops using CPU after a command (it copies the WAL into
+        the database once idle); the CPU seconds it used meanwhile (at most 30 s waited)."""
+        assert self.server is not None
+        start = last = proc_cpu_seconds(self.server.pid, children=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(1.5)
+            now = proc_cpu_seconds(self.server.pid, children=True)
+            if now - last < 0.03:
+                break
+            last = now
+        return last - start
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -303,7 +319,8 @@ class Bench:
         )
         log(f"{scenario}: replicore push")
         m = self.timed(cmd, f"push ({scenario})")
-        result = json.loads(m.pop("out").strip().splitlines()[-1])
+        lines = m.pop("out").splitlines()  # a profiler may print before the push's JSON
+        result = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
         volume = result["volumes"][0]
         record = {
             "kind": "run",
@@ -472,6 +489,9 @@ class Bench:
                 "blocks_by_kind": info["blocks_by_kind"],
             }
         )
+        # A regular install compiles the modules; an editable one (and PYTHONDONTWRITEBYTECODE)
+        # would leave every command compiling them again at each start.
+        self.run([self.python, "-m", "compileall", "-q", str(REPO / "daemon")], what="compileall")
         ceiling = self.storage_ceiling(*self.prepare_ceiling()) if args.ceiling else None
         self.start_server()
         self.pair()
@@ -536,6 +556,7 @@ class Bench:
             "MiB/s",
             "cpu_s",
             "srv_cpu",
+            "+after",
             "rss_MiB",
             "srv_rss",
             "lo_MiB",
@@ -544,7 +565,9 @@ class Bench:
             "verify",
         )
         print(
-            "{:<9} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6}".format(*head)
+            "{:<9} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6}".format(
+                *head
+            )
         )
         for r in self.results:
             if r["kind"] != "run":
@@ -553,7 +576,8 @@ class Bench:
             wire = f"{r['wire_bytes'] / MIB:.2f}" if "wire_bytes" in r else "-"
             print(
                 f"{r['scenario']:<9} {r['wall_s']:>7.2f} {push_s:>7} {r['mib_s']:>7.0f} "
-                f"{r['cpu_s']:>6.2f} {r['server_cpu_s']:>7.2f} {r['client_rss_mib']:>7.1f} "
+                f"{r['cpu_s']:>6.2f} {r['server_cpu_s']:>7.2f} {r['server_cpu_after_s']:>6.2f} "
+                f"{r['client_rss_mib']:>7.1f} "
                 f"{r['server_rss_mib']:>7.1f} {r['lo_bytes'] / MIB:>8.2f} {wire:>8} "
                 f"{r.get('records_sent', '-')!s:>7} {r.get('verify', '-'):>6}"
             )
@@ -574,7 +598,9 @@ class Bench:
         print(
             "\nwall_s: the command (`replicore push`/`export`, interpreter start included); "
             "push_s: the push's own clock.\ncpu_s/rss_MiB: the client command; srv_cpu/srv_rss: "
-            "the server during the run (peak RSS reset before each run).\nlo_MiB: loopback "
+            "the server during the run (peak RSS reset before each run);\n+after: server CPU "
+            "after the command, until it is idle (the WAL checkpoint it defers to idle time)."
+            "\nlo_MiB: loopback "
             "rx bytes (both directions, headers included; other loopback users count too); "
             "wire_MiB: the client's count of TLS bytes."
         )
@@ -632,6 +658,13 @@ def main() -> int:
         help="write py-spy collapsed stacks of server and client for each run to this dir",
     )
     parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy")
+    parser.add_argument(
+        "--profiler-arg",
+        dest="profiler_args",
+        action="append",
+        default=[],
+        help="extra py-spy argument (repeatable), e.g. --profiler-arg=--gil",
+    )
     parser.add_argument("--first-only", action="store_true", help="stop after the first push")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()

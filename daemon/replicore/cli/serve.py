@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -294,6 +295,22 @@ def _live_counts(conn: Any) -> dict[str, Any]:
     }
 
 
+#: Allocations between collections of the youngest generation, and collections of each
+#: generation between collections of the next (Python's defaults: 700, 10, 10).
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector from pausing the daemon: what exists once started
+    (modules, the app, the routes) is never scanned again, and the young generation is
+    collected less often. A full collection of a busy daemon took up to 170 ms, every
+    request and every record batch waiting on it (the collector holds the GIL); almost all
+    the daemon's garbage has no cycles and goes with its last reference anyway."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve_daemon(
     config: Config,
     core_id: str,
@@ -316,6 +333,7 @@ async def serve_daemon(
     )
     metrics.START_TIME.set(runtime.started_at)
     app = create_app(runtime)
+    _tune_gc()
     host, port = parse_listen(config.server.listen)
     stop = trio.Event()
     server_done = trio.Event()
