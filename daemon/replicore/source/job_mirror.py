@@ -40,7 +40,12 @@ class JobMirror:
 
     def start(self) -> None:
         """Start (or, for a resumed run, re-sync) the job and its transfer child, then sync
-        its progress every SYNC_INTERVAL seconds until `finish`."""
+        its progress every SYNC_INTERVAL seconds until `finish`; on a thread of its own, so
+        that the push does not wait for the mirror."""
+        self._ticker = threading.Thread(target=self._run, name="job-sync", daemon=True)
+        self._ticker.start()
+
+    def _run(self) -> None:
         agent = quote(self.agent_id, safe="")
         self._post(
             "slave/agents/replicationJob/start",
@@ -51,10 +56,6 @@ class JobMirror:
             },
         )
         self._post(f"slave/agents/{agent}/transferJob/{quote(self.job_id, safe='')}", None)
-        self._ticker = threading.Thread(target=self._tick, name="job-sync", daemon=True)
-        self._ticker.start()
-
-    def _tick(self) -> None:
         while not self._stop.wait(SYNC_INTERVAL):
             self.sync("running")
 

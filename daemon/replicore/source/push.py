@@ -179,9 +179,8 @@ class _Abort(Exception):
 class _Pipeline:
     """One pass over one volume: hash, negotiate, send.  Returns the commit figures."""
 
-    def __init__(self, push: _VolumePush, session_id: str) -> None:
+    def __init__(self, push: _VolumePush) -> None:
         self.push = push
-        self.session_id = session_id
         self.image = push.image
         self.client = push.run.client
         self.counters = push.run.counters
@@ -200,7 +199,8 @@ class _Pipeline:
         # send queue, not by the image.
         self.in_flight: set[bytes] = set()
         self.in_flight_lock = threading.Lock()
-        self.path = push.session_path
+        self.path = ""
+        self.hasher: threading.Thread | None = None
         self.batch_bytes = push.run.records_batch_bytes
 
     # -- plumbing ----------------------------------------------------------------------
@@ -390,8 +390,23 @@ class _Pipeline:
 
     # -- the pass ----------------------------------------------------------------------
 
-    def run(self) -> tuple[int, str]:
-        threads = [self._thread(self._hasher, "push-hasher")]
+    def start_hashing(self) -> None:
+        """Start reading and hashing the image (it needs no session: the push opens one
+        meanwhile)."""
+        self.hasher = self._thread(self._hasher, "push-hasher")
+
+    def cancel(self) -> None:
+        """Stop the hash pass (the session turned out to be committed already, or opening
+        it failed)."""
+        self.failed.set()
+        if self.hasher is not None:
+            self.hasher.join()
+
+    def run(self, session_path: str) -> tuple[int, str]:
+        """Negotiate and send on the session at `session_path`; the commit's figures."""
+        self.path = session_path
+        assert self.hasher is not None
+        threads = [self.hasher]
         threads += [self._thread(self._sender, f"push-sender-{n}") for n in range(self.streams)]
         try:
             while (batch := self._get(self.keys_queue)) is not None:
@@ -475,9 +490,16 @@ class _VolumePush:
             stats.session_id = self.entry.get("sessionId")
             return stats.report()
         while True:
-            session = self._open_session()
+            pipeline = _Pipeline(self)
+            pipeline.start_hashing()
+            try:
+                session = self._open_session()
+            except BaseException:
+                pipeline.cancel()
+                raise
             stats.epoch, stats.previous_epoch = self.entry["epoch"], self.entry["previousEpoch"]
             if session is None:
+                pipeline.cancel()
                 run.state.volume_committed(vid, self.entry["epoch"])
                 stats.already_committed = True
                 stats.session_id = self.entry.get("sessionId")
@@ -494,10 +516,11 @@ class _VolumePush:
                     "GET", f"slave/sessions/{quote(session_id, safe='')}/transferredblocks"
                 )
                 if answer.status != 200:
+                    pipeline.cancel()
                     raise _refusal(f"volume {vid}: reading the transferred blocks", answer)
                 stats.transferred_before = _count_bits(answer.body)
             stats.passes += 1
-            count, checksum = _Pipeline(self, session_id).run()
+            count, checksum = pipeline.run(self.session_path)
             answer = self._commit(session_id, count, checksum)
             if answer.status == 200:
                 data = answer.json() or {}
