@@ -172,8 +172,12 @@ def test_a_body_in_pieces_is_sent_in_order_with_their_total_length(target: Targe
     pieces = [b"head:", memoryview(b"middle"), bytearray(b""), bytearray(b":tail")]
     with TargetClient(target.url, target.pem, None) as client:
         client.request("POST", "p", content=pieces)
-    (seen,) = target.seen
-    assert seen.body == b"head:middle:tail" and seen.headers["content-length"] == "16"
+        small, large = b"s" * 49, bytes(range(256)) * 1024
+        many = [small, large, small, small, large[:5000], large, *[small] * 400, large]
+        client.request("POST", "p", content=many)
+    first, second = target.seen
+    assert first.body == b"head:middle:tail" and first.headers["content-length"] == "16"
+    assert second.body == b"".join(many)
 
 
 def test_sequential_requests_share_one_keep_alive_connection(target: Target) -> None:

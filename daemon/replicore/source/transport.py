@@ -43,6 +43,8 @@ Body: TypeAlias = bytes | bytearray | memoryview | Sequence[bytes | bytearray | 
 
 #: Plaintext written to OpenSSL at once (it turns it into 16 KiB TLS records).
 WRITE_PIECE = 1024 * 1024
+#: Buffers of a request smaller than this are gathered (copied) into one TLS write.
+GATHER_BYTES = 16 * 1024
 #: Bytes asked from the socket at once.
 RECV_SIZE = 256 * 1024
 #: Plaintext asked from OpenSSL at once (it hands out one TLS record's at most).
@@ -192,20 +194,36 @@ class _TLSStream:
 
     def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
         """Encrypt and send `buffers` in order, in pieces of at most WRITE_PIECE (or the rate
-        limiter's piece): OpenSSL reads them in place, nothing joins them first."""
+        limiter's piece).  OpenSSL reads each buffer in place; only buffers smaller than
+        GATHER_BYTES (a request head, record frame headers) are gathered into one write
+        first, so that each does not become a TLS record of its own."""
         piece = WRITE_PIECE if self._bucket is None else self._bucket.piece_size
+        gathered = bytearray()
         try:
             for buffer in buffers:
-                view = memoryview(buffer)
-                for start in range(0, len(view), piece):
-                    self._ssl.write(view[start : start + piece])
-                    if self._bucket is not None or self._outgoing.pending >= piece:
-                        self._flush()
+                view = memoryview(buffer).cast("B")
+                if len(view) < GATHER_BYTES:
+                    gathered += view
+                    if len(gathered) < GATHER_BYTES:
+                        continue
+                    view, gathered = memoryview(gathered), bytearray()
+                elif gathered:
+                    self._encrypt(memoryview(gathered), piece)
+                    gathered = bytearray()
+                self._encrypt(view, piece)
+            if gathered:
+                self._encrypt(memoryview(gathered), piece)
             self._flush()
         except TimeoutError as exc:
             raise _Failed("timed out sending to the target") from exc
         except (OSError, ssl.SSLError) as exc:
             raise _WriteFailed(str(exc)) from exc
+
+    def _encrypt(self, view: memoryview, piece: int) -> None:
+        for start in range(0, len(view), piece):
+            self._ssl.write(view[start : start + piece])
+            if self._bucket is not None or self._outgoing.pending >= piece:
+                self._flush()
 
     def readable(self) -> bool:
         """Whether the target sent anything (on an idle connection: that it is closing)."""
