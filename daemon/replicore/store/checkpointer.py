@@ -69,6 +69,15 @@ class Checkpointer:
         return apsw.SQLITE_OK
 
     def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._loop()
+            except Exception:
+                log.exception("the WAL checkpoint thread failed; restarting it")
+                time.sleep(IDLE_SECONDS)
+        self._conn.close()
+
+    def _loop(self) -> None:
         synced = 0  # log pages known to be on disk
         checkpointed = 0  # commits copied into the database
         retry_at = 0.0
@@ -93,13 +102,12 @@ class Checkpointer:
                 synced = pages
             self._wake.wait(timeout)
             self._wake.clear()
-        self._conn.close()
 
     def _checkpoint(self) -> bool:
         """Copy the log into the database; True when all of it was copied (a reader still
         using older pages of the log leaves the rest for the next try)."""
         try:
-            _, log_pages, copied = self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            log_pages, copied = self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         except apsw.Error as error:
             log.warning("WAL checkpoint failed: %s", error)
             return False

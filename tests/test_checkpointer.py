@@ -1,0 +1,107 @@
+"""The WAL checkpoint thread: the writer's commits only append to the log; the thread copies
+the log into the database once the writer is idle, and again after a reader let it go."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import apsw
+import pytest
+import trio
+
+from replicore.store import checkpointer
+from replicore.store.db import Database, connect
+
+ROWS = 64  # of 60,000 bytes: about 4 MiB of log per write
+
+
+def _fill(conn: apsw.Connection) -> None:
+    for _ in range(ROWS):
+        conn.execute("INSERT INTO t VALUES (randomblob(60000))")
+
+
+def _database(tmp_path: Path) -> Path:
+    path = tmp_path / "x.db"
+    conn = connect(path, create=True)
+    conn.execute("CREATE TABLE t (b BLOB)")
+    conn.close()
+    return path
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_commits_leave_the_copy_to_the_thread_until_the_writer_is_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 0.3)
+    path = _database(tmp_path)
+    db = Database(path)
+    try:
+        size_before = path.stat().st_size
+
+        async def writes() -> None:
+            for _ in range(3):
+                await db.write_unsynced(_fill)
+
+        trio.run(writes)
+        # Nothing was copied by the commits themselves (the default would every 1000 pages).
+        assert path.stat().st_size == size_before
+        assert _wait_for(lambda: path.stat().st_size > 3 * ROWS * 60000)
+        count = connect(path).execute("SELECT count(*) FROM t").fetchone()[0]
+        assert count == 3 * ROWS
+    finally:
+        db.close()
+
+
+def test_a_reader_holding_old_pages_delays_the_checkpoint_which_completes_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 0.2)
+    path = _database(tmp_path)
+    db = Database(path)
+    reader = connect(path)
+    try:
+
+        async def write() -> None:
+            await db.write_unsynced(_fill)
+
+        trio.run(write)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()  # holds a snapshot
+        trio.run(write)
+        time.sleep(1.0)  # the thread tried: the pages after the reader's snapshot stay
+        assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == ROWS
+        reader.execute("COMMIT")
+        assert _wait_for(lambda: path.stat().st_size > 2 * ROWS * 60000)
+    finally:
+        reader.close()
+        db.close()
+
+
+def test_the_log_restarts_from_its_beginning_once_copied(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 0.2)
+    path = _database(tmp_path)
+    db = Database(path)
+    wal = Path(f"{path}-wal")
+    try:
+        sizes = []
+        for _ in range(3):
+
+            async def write() -> None:
+                await db.write_unsynced(_fill)
+
+            trio.run(write)
+            sizes.append(wal.stat().st_size)
+            assert _wait_for(lambda: path.stat().st_size >= (len(sizes)) * ROWS * 60000)
+        assert sizes[2] == sizes[0]  # reused, not grown
+    finally:
+        db.close()
