@@ -64,6 +64,7 @@ __all__ = [
     "encode_keys",
     "encode_missing",
     "encode_record",
+    "encode_record_header",
     "encode_records_header",
     "iter_records",
     "record_key",
@@ -276,12 +277,9 @@ def encode_records_header(count: int) -> bytes:
     return _HEADER.pack(RECORDS_MAGIC, count)
 
 
-def encode_record(
-    index: int, key: bytes, raw_length: int, codec: int, payload: bytes | memoryview
-) -> bytes:
-    """Encode one record frame: 49-byte frame header followed by ``payload``."""
+def encode_record_header(index: int, key: bytes, raw_length: int, codec: int, stored: int) -> bytes:
+    """Encode the 49-byte header of a record frame whose payload is ``stored`` bytes."""
     _check_entry(index, key, raw_length, MAX_BLOCK_SIZE)
-    stored = len(payload)
     if codec == CODEC_RAW:
         if stored != raw_length:
             raise ProtocolError(
@@ -294,7 +292,14 @@ def encode_record(
             )
     else:
         raise ProtocolError(f"unknown codec {codec}", index=index)
-    return _FRAME.pack(index, bytes(key), raw_length, stored, codec) + bytes(payload)
+    return _FRAME.pack(index, bytes(key), raw_length, stored, codec)
+
+
+def encode_record(
+    index: int, key: bytes, raw_length: int, codec: int, payload: bytes | memoryview
+) -> bytes:
+    """Encode one record frame: 49-byte frame header followed by ``payload``."""
+    return encode_record_header(index, key, raw_length, codec, len(payload)) + bytes(payload)
 
 
 # --------------------------------------------------------------------------
@@ -323,14 +328,15 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def compress_block(raw: bytes | memoryview, level: int = 1) -> tuple[int, bytes]:
-    """Compress one block: ``(CODEC_ZSTD, frame)`` if smaller, else ``(CODEC_RAW, raw)``."""
+def compress_block(raw: bytes | memoryview, level: int = 1) -> tuple[int, bytes | memoryview]:
+    """Compress one block: ``(CODEC_ZSTD, frame)`` if smaller, else ``(CODEC_RAW, raw)``
+    (``raw`` itself, not a copy: copy it before reusing its buffer)."""
     if not 1 <= len(raw) <= MAX_BLOCK_SIZE:
         raise ProtocolError(f"block of {len(raw)} bytes not in 1..{MAX_BLOCK_SIZE}")
     frame = _compressor(level).compress(raw)
     if len(frame) < len(raw):
         return CODEC_ZSTD, frame
-    return CODEC_RAW, bytes(raw)
+    return CODEC_RAW, raw
 
 
 def decompress_record(

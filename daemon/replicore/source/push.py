@@ -348,22 +348,24 @@ class _Pipeline:
             if item is None:
                 return
             buffer, views = self.image.read_blocks([e.index for e in item], buffer)
-            parts = [protocol.encode_records_header(len(item))]
+            # The body goes out as its pieces (no joined copy): raw blocks are views of
+            # `buffer`, which is not reused before the answer.
+            parts: list[bytes | memoryview] = [protocol.encode_records_header(len(item))]
             payload_bytes = raw_bytes = 0
             for entry, view in zip(item, views, strict=True):
                 codec, payload = protocol.compress_block(view)
                 parts.append(
-                    protocol.encode_record(entry.index, entry.key, entry.length, codec, payload)
+                    protocol.encode_record_header(
+                        entry.index, entry.key, entry.length, codec, len(payload)
+                    )
                 )
+                parts.append(payload)
                 payload_bytes += len(payload)
                 raw_bytes += entry.length
-            del views
-            body = b"".join(parts)
-            del parts
             if self.failed.is_set():
                 raise _Abort
-            answer = self.client.request("POST", path, content=body)
-            del body
+            answer = self.client.request("POST", path, content=parts)
+            del parts, views
             if answer.status == 422:
                 data = answer.json() or {}
                 block = data.get("blockIndex") if isinstance(data, dict) else None
