@@ -3,6 +3,7 @@ the log into the database once the writer is idle, and again after a reader let 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,5 +104,30 @@ def test_the_log_restarts_from_its_beginning_once_copied(tmp_path: Path, monkeyp
             sizes.append(wal.stat().st_size)
             assert _wait_for(lambda: path.stat().st_size >= (len(sizes)) * ROWS * 60000)
         assert sizes[2] == sizes[0]  # reused, not grown
+    finally:
+        db.close()
+
+
+def test_a_log_past_a_quarter_of_the_free_disk_is_copied_without_waiting_for_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 3600.0)  # the writer is never idle
+    real = os.statvfs(tmp_path)
+
+    class Small:  # 16 MiB free: copy the log once it holds 4 MiB
+        f_frsize = real.f_frsize
+        f_bavail = 16 * 1024 * 1024 // real.f_frsize
+
+    monkeypatch.setattr(checkpointer.os, "statvfs", lambda _: Small)
+    path = _database(tmp_path)
+    db = Database(path)
+    try:
+
+        async def write() -> None:
+            await db.write_unsynced(_fill)
+            await db.write_unsynced(_fill)
+
+        trio.run(write)
+        assert _wait_for(lambda: path.stat().st_size > ROWS * 60000)
     finally:
         db.close()

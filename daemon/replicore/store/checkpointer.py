@@ -6,7 +6,8 @@ the database file by a checkpoint. SQLite's default runs that copy inside a comm
 batch then waits for the copy of earlier ones. Here the writer's commits only append and
 report the log's size (a WAL hook); a thread with its own connection copies the log into the
 database once the writer has been idle for `IDLE_SECONDS`, or at once when the log passes
-`BUSY_BYTES` (a daemon that is never idle still checkpoints). While the log grows, the thread
+`BUSY_BYTES` or a quarter of the disk's free space (a daemon that is never idle still
+checkpoints, and a log never holds much of a filling disk). While the log grows, the thread
 syncs it ahead every `SYNC_AHEAD_BYTES`, so that the fsync of a volume image's commit
 (synchronous=FULL) finds little left to write. The writer checkpoints itself only if the log
 ever reaches `BACKSTOP_BYTES` (the thread stalled behind a long reader, say).
@@ -42,7 +43,8 @@ class Checkpointer:
     def __init__(self, path: Path, writer: apsw.Connection, own: apsw.Connection) -> None:
         page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
         self._wal_path = f"{path}-wal"
-        self._busy_pages = BUSY_BYTES // page_size
+        self._directory = str(path.parent)
+        self._page_size = page_size
         self._backstop_pages = BACKSTOP_BYTES // page_size
         self._sync_pages = SYNC_AHEAD_BYTES // page_size
         self._conn = own
@@ -90,7 +92,7 @@ class Checkpointer:
             timeout = None
             if commits != checkpointed:
                 due = max(last_commit + IDLE_SECONDS, retry_at)
-                if now >= due or (pages >= self._busy_pages and now >= retry_at):
+                if now >= due or (pages >= self._busy_pages() and now >= retry_at):
                     if self._checkpoint():
                         checkpointed, synced = commits, pages
                     else:
@@ -102,6 +104,15 @@ class Checkpointer:
                 synced = pages
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _busy_pages(self) -> int:
+        """Log pages at which to copy it into the database even while the writer is busy."""
+        try:
+            found = os.statvfs(self._directory)
+            free = found.f_bavail * found.f_frsize
+        except OSError:
+            free = BUSY_BYTES
+        return min(BUSY_BYTES, free // 4) // self._page_size
 
     def _checkpoint(self) -> bool:
         """Copy the log into the database; True when all of it was copied (a reader still
