@@ -130,8 +130,14 @@ def export(conn: apsw.Connection, image_id: int, output: Path) -> tuple[int, str
         conn.execute("ROLLBACK")
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def assert_exported(conn: apsw.Connection, image_id: int, output: Path, image: bytes) -> None:
+    fds = open_fds()
     written, b3, sha = export(conn, image_id, output)
+    assert open_fds() == fds
     assert output.read_bytes() == image
     assert written == len(image)
     assert b3 == blake3.blake3(image).hexdigest()
@@ -285,12 +291,12 @@ def test_a_damaged_or_missing_record_fails_the_export_naming_its_block(
     else:
         damage(conn, block, None)
     output = tmp_path / "out.img"
-    threads = threading.active_count()
+    threads, fds = threading.active_count(), open_fds()
     with pytest.raises(images.DamagedImage) as refused:
         export(conn, row["id"], output)
     assert f"block {index} {message}" in str(refused.value)
     assert not output.exists() and not output.with_name("out.img.tmp").exists()
-    assert threading.active_count() == threads
+    assert threading.active_count() == threads and open_fds() == fds
 
 
 def test_a_reader_closed_early_stops_its_threads_and_frees_the_connection(conn, small_chunks):

@@ -124,7 +124,9 @@ class _Output:
 
     def __init__(self, path: Path, size: int) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self.direct: int | None = None
+        self.direct_fd: int | None = None
+        #: Whether writes go through `direct_fd` (until the device refuses their alignment).
+        self.direct = False
         self.flushed = 0
         try:
             os.ftruncate(self.fd, size)
@@ -138,32 +140,30 @@ class _Output:
         if not flag:
             return
         try:
-            self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+            self.direct_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
         except OSError as error:
             if error.errno == errno.EINVAL:  # no direct I/O on this file system
                 return
             raise
-        mine, opened = os.fstat(self.fd), os.fstat(self.direct)
-        if (mine.st_dev, mine.st_ino) != (opened.st_dev, opened.st_ino):  # replaced meanwhile
-            os.close(self.direct)
-            self.direct = None
+        mine, opened = os.fstat(self.fd), os.fstat(self.direct_fd)
+        self.direct = (mine.st_dev, mine.st_ino) == (opened.st_dev, opened.st_ino)
 
     def write(self, data: memoryview, offset: int) -> None:
-        if self.direct is not None:
+        if self.direct and self.direct_fd is not None:
             aligned = len(data) - len(data) % DIRECT_ALIGN
             try:
-                _pwrite_all(self.direct, data[:aligned], offset)
+                _pwrite_all(self.direct_fd, data[:aligned], offset)
             except OSError as error:
                 if error.errno != errno.EINVAL:
                     raise
-                self.direct = None  # alignment this device does not take: use the cache
+                self.direct = False  # alignment this device does not take: use the cache
             else:
                 data, offset = data[aligned:], offset + aligned
         _pwrite_all(self.fd, data, offset)
 
     def written(self, offset: int) -> None:
         """Everything before `offset` is written: start writing it back (cached writes)."""
-        if self.direct is None and offset - self.flushed >= WRITEBACK_BYTES:
+        if not self.direct and offset - self.flushed >= WRITEBACK_BYTES:
             os.posix_fadvise(self.fd, self.flushed, offset - self.flushed, os.POSIX_FADV_DONTNEED)
             self.flushed = offset
 
@@ -171,10 +171,10 @@ class _Output:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        for fd in (self.direct, self.fd):
-            if fd is not None:
-                os.close(fd)
-        self.direct = None
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+        os.close(self.fd)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
