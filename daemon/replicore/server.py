@@ -39,8 +39,8 @@ log = logging.getLogger("replicore.server")
 
 # 256 KiB: measured against 1 MiB, the same ingest speed (1 GiB first push 5.4 s vs 5.0-5.5 s)
 # and half the server's memory with 80 connections pushing at once (bench/LOAD.md).
-SOCKET_READ_SIZE = 1024 * 1024
-DRAIN_LIMIT = 1024 * 1024
+SOCKET_READ_SIZE = 256 * 1024
+DRAIN_LIMIT = 256 * 1024
 IDLE_POLL = 0.05
 
 
