@@ -20,7 +20,7 @@ records (the data path, seed drives, GC). `used_bytes` is registered in
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import apsw
 
@@ -110,27 +110,21 @@ def insert(
     return conn.changes() == 1
 
 
-class NewRecord(Protocol):
-    """What `insert_many` needs of a record (a verified one of the data path)."""
-
-    @property
-    def key(self) -> bytes: ...
-    @property
-    def raw_length(self) -> int: ...
-    @property
-    def codec(self) -> int: ...
-    @property
-    def data(self) -> bytes | memoryview: ...
-
-
 def insert_many(
-    conn: apsw.Connection, repository_id: int, new: Iterable[NewRecord], now: float
+    conn: apsw.Connection,
+    repository_id: int,
+    new: Iterable[tuple[bytes, int, int, bytes | memoryview]],
+    now: float,
 ) -> None:
-    """Store verified records the repository does not hold (a key it holds is skipped)."""
+    """Store verified records `(key, raw_length, codec, data)` that the repository does not
+    hold (a key it holds is skipped)."""
     conn.executemany(
         "INSERT INTO records(repository_id, key, raw_length, codec, stored_length, data,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (repository_id, key) DO NOTHING",
-        ((repository_id, r.key, r.raw_length, r.codec, len(r.data), r.data, now) for r in new),
+        (
+            (repository_id, key, raw_length, codec, len(data), data, now)
+            for key, raw_length, codec, data in new
+        ),
     )
 
 

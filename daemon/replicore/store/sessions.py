@@ -511,7 +511,9 @@ def store_records(
     for record in accepted:
         if record.key not in present:
             fresh.setdefault(record.key, record)
-    records.insert_many(conn, repository_id, fresh.values(), now)
+    records.insert_many(
+        conn, repository_id, ((r.key, r.raw_length, r.codec, r.data) for r in fresh.values()), now
+    )
     released = _release_reservations(conn, session_pk, keys)
     conn.execute(
         "UPDATE sessions SET reserved_bytes = reserved_bytes - ?, last_activity_at = ?"
