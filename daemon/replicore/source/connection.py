@@ -5,7 +5,7 @@ compares its SHA-256 with the fingerprint the operator gave, and from then on tr
 that certificate (it is the only CA of the client's SSL context; host names are not checked,
 the pin is). Requests carry the source's client certificate unless `anonymous`.
 
-httpx is imported by `client` and `async_client` only: `push` talks through httpcore
+httpx is imported by `client` and `async_client` only: `push` talks HTTP/1.1 through h11
 (transport.py) and uses only the URL and TLS helpers from here, and importing httpx (with
 rich, which httpx's command-line module pulls in) would cost it some 60 ms of start-up.
 """
