@@ -22,6 +22,7 @@ import pytest
 
 from replicore.cli import main as cli_main
 from replicore.source import connection, identity
+from replicore.store import db, migrations
 
 START_TIMEOUT = 30.0
 
@@ -150,6 +151,16 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def server(make_server: Any) -> RunningServer:
     return make_server()
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[Any]:
+    """A connection to a new database with the current schema (for store-level tests)."""
+    path = tmp_path / "replicore.db"
+    connection = db.connect(path, create=True)
+    migrations.apply(connection, path)
+    yield connection
+    connection.close()
 
 
 @pytest.fixture

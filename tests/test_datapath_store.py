@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import apsw
@@ -13,18 +12,9 @@ import pytest
 from datapath_helpers import KIB, key_entries, keys_checksum, make_image, mutate, split
 from replicore import protocol
 from replicore.errors import Conflict, InsufficientStorage, NotFound, Unprocessable
-from replicore.store import db, images, migrations, records, repositories, sessions
+from replicore.store import db, images, records, repositories, sessions
 
 BS = 4 * KIB
-
-
-@pytest.fixture
-def conn(tmp_path: Path) -> Any:
-    path = tmp_path / "replicore.db"
-    connection = db.connect(path, create=True)
-    migrations.apply(connection, path)
-    yield connection
-    connection.close()
 
 
 def add_agent(

@@ -22,16 +22,7 @@ import pytest
 from datapath_helpers import KIB, key_entries, keys_checksum, split
 from replicore import protocol
 from replicore.cli import export as export_command
-from replicore.store import db, image_reader, images, migrations, repositories, sessions
-
-
-@pytest.fixture
-def conn(tmp_path: Path) -> Any:
-    path = tmp_path / "replicore.db"
-    connection = db.connect(path, create=True)
-    migrations.apply(connection, path)
-    yield connection
-    connection.close()
+from replicore.store import db, image_reader, images, repositories, sessions
 
 
 @pytest.fixture

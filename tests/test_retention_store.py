@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from inventory_helpers import add_agent, add_source, new_database, read_back, store_push
+from inventory_helpers import add_agent, add_source, read_back, store_push
 from replicore.errors import Conflict
 from replicore.store import db, images, retention
 from replicore.store.db import transaction
@@ -82,13 +81,6 @@ def test_pinned_and_incomplete_points_stay_whatever_the_policy():
 # --------------------------------------------------------------------------
 
 BS = 64
-
-
-@pytest.fixture
-def conn(tmp_path: Path) -> Any:
-    connection = new_database(tmp_path / "replicore.db")
-    yield connection
-    connection.close()
 
 
 def _chain(conn: Any, agent: dict[str, Any], rng: random.Random, count: int) -> dict[int, bytes]:
