@@ -88,22 +88,25 @@ def test_a_reader_holding_old_pages_delays_the_checkpoint_which_completes_after(
         db.close()
 
 
-def test_the_log_restarts_from_its_beginning_once_copied(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_once_copied_while_the_writer_is_idle_the_log_is_emptied_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 0.2)
     path = _database(tmp_path)
     db = Database(path)
     wal = Path(f"{path}-wal")
     try:
         sizes = []
-        for _ in range(3):
+        for round_ in range(1, 4):
 
             async def write() -> None:
                 await db.write_unsynced(_fill)
 
             trio.run(write)
             sizes.append(wal.stat().st_size)
-            assert _wait_for(lambda: path.stat().st_size >= (len(sizes)) * ROWS * 60000)
-        assert sizes[2] == sizes[0]  # reused, not grown
+            assert _wait_for(lambda: path.stat().st_size >= round_ * ROWS * 60000)  # noqa: B023
+            assert _wait_for(lambda: wal.stat().st_size == 0)
+        assert sizes[2] == sizes[0]  # each round writes a new log from its start
     finally:
         db.close()
 

@@ -112,7 +112,7 @@ class Database:
         self.path = path
         self._writer = connect(path, max_bytes=max_bytes)
         self._write_lock = trio.Lock()
-        self._checkpointer = Checkpointer(path, self._writer, connect(path))
+        self._checkpointer = Checkpointer(path, self._writer, connect(path), BUSY_TIMEOUT_MS)
         self._readers = [connect(path) for _ in range(readers)]
         self._reader_limit = trio.CapacityLimiter(readers)
         self._thread_lock = threading.Lock()
