@@ -65,6 +65,11 @@ class Checkpointer:
         self._pages = 0  # pages in the log, as the writer's last commit reported
         self._commits = 0
         self._last_commit = time.monotonic()
+        # What the thread waits for besides its timeout: a commit at all (when nothing is
+        # pending) or the log reaching a size; other commits do not wake it (a wake-up per
+        # commit cost the writer a thread switch each time).
+        self._waiting_forever = False
+        self._wake_at_pages = 0
         writer.set_wal_hook(self._on_commit)
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
@@ -74,7 +79,11 @@ class Checkpointer:
             self._pages = pages
             self._commits += 1
             self._last_commit = time.monotonic()
-        self._wake.set()
+            wake = self._waiting_forever or pages >= self._wake_at_pages
+            if wake:
+                self._waiting_forever, self._wake_at_pages = False, self._backstop_pages
+        if wake:
+            self._wake.set()
         if pages >= self._backstop_pages:
             conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         return apsw.SQLITE_OK
@@ -93,15 +102,17 @@ class Checkpointer:
         checkpointed = 0  # commits copied into the database
         retry_at = 0.0
         while not self._stopping:
+            self._wake.clear()
             with self._lock:
                 pages, commits, last_commit = self._pages, self._commits, self._last_commit
             now = time.monotonic()
             if pages < synced:  # the log was restarted from its beginning
                 synced = 0
+            busy_pages = self._busy_pages()
             timeout = None
             if commits != checkpointed:
                 due = max(last_commit + IDLE_SECONDS, retry_at)
-                if now >= due or (pages >= self._busy_pages() and now >= retry_at):
+                if now >= due or (pages >= busy_pages and now >= retry_at):
                     if self._checkpoint(empty_log=now >= due):
                         checkpointed, synced = commits, pages
                     else:
@@ -111,8 +122,12 @@ class Checkpointer:
             if pages - synced >= self._sync_pages:
                 self._sync_log()
                 synced = pages
+            with self._lock:
+                if self._commits != commits:
+                    continue  # a commit came meanwhile: look again
+                self._waiting_forever = timeout is None
+                self._wake_at_pages = min(synced + self._sync_pages, busy_pages)
             self._wake.wait(timeout)
-            self._wake.clear()
 
     def _busy_pages(self) -> int:
         """Log pages at which to copy it into the database even while the writer is busy."""
