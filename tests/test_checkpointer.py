@@ -134,3 +134,31 @@ def test_a_log_past_a_quarter_of_the_free_disk_is_copied_without_waiting_for_idl
         assert _wait_for(lambda: path.stat().st_size > ROWS * 60000)
     finally:
         db.close()
+
+
+def test_a_log_written_without_pause_still_starts_over_and_no_commit_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 3600.0)  # never idle
+    monkeypatch.setattr(checkpointer, "BUSY_BYTES", 8 * 1024 * 1024)
+    # The writer's own checkpoint past this size races the thread's (SQLITE_BUSY): the
+    # commit must not see it.
+    monkeypatch.setattr(checkpointer, "BACKSTOP_BYTES", 12 * 1024 * 1024)
+    path = _database(tmp_path)
+    db = Database(path)
+    wal = Path(f"{path}-wal")
+    try:
+        largest = 0
+
+        async def writes() -> None:
+            nonlocal largest
+            for _ in range(40):  # about 160 MiB, back to back
+                await db.write_unsynced(_fill)
+                largest = max(largest, wal.stat().st_size)
+
+        trio.run(writes)
+        assert largest < 64 * 1024 * 1024  # restarted, not 160 MiB
+        count = connect(path).execute("SELECT count(*) FROM t").fetchone()[0]
+        assert count == 40 * ROWS
+    finally:
+        db.close()

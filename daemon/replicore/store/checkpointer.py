@@ -33,30 +33,39 @@ IDLE_SECONDS = 1.0
 BUSY_BYTES = 768 * 1024 * 1024
 BACKSTOP_BYTES = 2 * BUSY_BYTES
 SYNC_AHEAD_BYTES = 64 * 1024 * 1024
-#: After a checkpoint SQLite restarts the log from its start, cut to this size: none of it
-#: is kept. Frames (16 KiB pages behind 24-byte headers) straddle the file's 4 KiB pages, so
-#: writing over an old log whose pages are no longer cached reads each of them from disk
-#: first (read-modify-write): that made the commits of a push after an idle time take
-#: up to 0.7 s longer. Appended to an empty file, they read nothing.
-JOURNAL_SIZE_LIMIT = 0
-#: How long emptying the log may wait for a reader still on it (the writer waits meanwhile).
-TRUNCATE_WAIT_MS = 100
+#: The writer never cuts the log file itself (cutting a log of hundreds of MiB takes it
+#: 0.4-0.8 s): the thread empties it once the writer is idle (see `_checkpoint`).
+JOURNAL_SIZE_LIMIT = -1
+#: How long restarting the log may wait for readers still on it (the writer waits meanwhile).
+TRUNCATE_WAIT_MS = 200
+#: The restart copies what was committed since the last copy with the writer held back: the
+#: copy beside the writer is repeated (at most CATCH_UP_ROUNDS times) until that is this small.
+RESTART_BYTES = 16 * 1024 * 1024
+CATCH_UP_ROUNDS = 8
 
 
 class Checkpointer:
     """Owns the WAL hook of the writer connection, and a thread and connection of its own."""
 
     def __init__(
-        self, path: Path, writer: apsw.Connection, own: apsw.Connection, busy_timeout_ms: int
+        self,
+        path: Path,
+        writer: apsw.Connection,
+        own: apsw.Connection,
+        busy_timeout_ms: int,
+        writer_lock: threading.Lock,
     ) -> None:
         page_size = int(writer.execute("PRAGMA page_size").fetchone()[0])
+        self._path = str(path)
         self._wal_path = f"{path}-wal"
         self._directory = str(path.parent)
         self._page_size = page_size
         self._backstop_pages = BACKSTOP_BYTES // page_size
         self._sync_pages = SYNC_AHEAD_BYTES // page_size
+        self._restart_pages = RESTART_BYTES // page_size
         self._conn = own
         self._busy_timeout_ms = busy_timeout_ms
+        self._writer_lock = writer_lock  # held by the writer around each of its transactions
         for conn in (writer, own):
             conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._lock = threading.Lock()
@@ -85,7 +94,10 @@ class Checkpointer:
         if wake:
             self._wake.set()
         if pages >= self._backstop_pages:
-            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            # Never raise here: the commit is done, an error would fail it in the caller's
+            # eyes. BUSY: the thread is checkpointing.
+            with contextlib.suppress(apsw.Error):
+                conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         return apsw.SQLITE_OK
 
     def _run(self) -> None:
@@ -113,7 +125,7 @@ class Checkpointer:
             if commits != checkpointed:
                 due = max(last_commit + IDLE_SECONDS, retry_at)
                 if now >= due or (pages >= busy_pages and now >= retry_at):
-                    if self._checkpoint(empty_log=now >= due):
+                    if self._checkpoint(idle=now >= due):
                         checkpointed, synced = commits, pages
                     else:
                         retry_at = now + IDLE_SECONDS
@@ -138,33 +150,49 @@ class Checkpointer:
             free = BUSY_BYTES
         return min(BUSY_BYTES, free // 4) // self._page_size
 
-    def _checkpoint(self, *, empty_log: bool) -> bool:
-        """Copy the log into the database; True when all of it was copied (a reader still
-        using older pages of the log leaves the rest for the next try). With `empty_log`
-        (the writer is idle), also cut the log file to nothing, so that the next commit
-        neither truncates it nor writes over pages of it the page cache has dropped."""
+    def _checkpoint(self, *, idle: bool) -> bool:
+        """Copy the log into the database, then restart it; True when done. The copy runs
+        beside the writer; the restart holds the writer back only while it copies what was
+        committed meanwhile, and gives up after TRUNCATE_WAIT_MS if a reader still uses the
+        log (the next try comes a second later). Without the restart a log written to
+        without pause would never start over and would grow without end. When the writer is
+        `idle`, the log file is also cut to nothing: frames (16 KiB pages behind 24-byte
+        headers) straddle the file's 4 KiB pages, and writing over an old log whose pages
+        the page cache has dropped meanwhile reads each of them from disk first (a push
+        after an idle time took up to 0.7 s longer in its commits); appended to an empty
+        file, they read nothing. While busy the log's pages are still cached: it is
+        restarted in place, which costs the writer nothing."""
         try:
-            log_pages, copied = self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            copied_to = -1
+            for _ in range(CATCH_UP_ROUNDS):  # a busy writer appends while this copies
+                log_pages, _ = self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+                if log_pages - copied_to <= self._restart_pages:
+                    break
+                copied_to = log_pages
+            if log_pages == 0:
+                return True
+            self._sync(self._path)  # the copy's dirty pages go to disk before the writer waits
+            self._conn.set_busy_timeout(TRUNCATE_WAIT_MS)
+            try:
+                mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if idle else apsw.SQLITE_CHECKPOINT_RESTART
+                with self._writer_lock:
+                    self._conn.wal_checkpoint(mode=mode)
+            finally:
+                self._conn.set_busy_timeout(self._busy_timeout_ms)
+        except apsw.BusyError:
+            return False  # a reader (or the writer's own backstop) holds it: try again later
         except apsw.Error as error:
             log.warning("WAL checkpoint failed: %s", error)
             return False
-        if copied != log_pages:
-            return False
-        if empty_log and log_pages > 0:
-            # Nothing is left to copy: this only waits for readers still on the log (never
-            # long: the writer waits behind it) and restarts it.
-            self._conn.set_busy_timeout(TRUNCATE_WAIT_MS)
-            try:
-                self._conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-            except apsw.BusyError:
-                pass  # a reader or a writer came first: the writer restarts the log itself
-            finally:
-                self._conn.set_busy_timeout(self._busy_timeout_ms)
         return True
 
     def _sync_log(self) -> None:
+        self._sync(self._wal_path)
+
+    @staticmethod
+    def _sync(path: str) -> None:
         with contextlib.suppress(OSError):
-            fd = os.open(self._wal_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
                 os.fdatasync(fd)
             finally:

@@ -112,7 +112,13 @@ class Database:
         self.path = path
         self._writer = connect(path, max_bytes=max_bytes)
         self._write_lock = trio.Lock()
-        self._checkpointer = Checkpointer(path, self._writer, connect(path), BUSY_TIMEOUT_MS)
+        # Held by the writer's thread around each transaction, and by the checkpoint thread
+        # while it restarts the log (SQLite's busy waits would rarely catch the gap between
+        # two transactions of a busy writer).
+        self._transaction_lock = threading.Lock()
+        self._checkpointer = Checkpointer(
+            path, self._writer, connect(path), BUSY_TIMEOUT_MS, self._transaction_lock
+        )
         self._readers = [connect(path) for _ in range(readers)]
         self._reader_limit = trio.CapacityLimiter(readers)
         self._thread_lock = threading.Lock()
@@ -145,9 +151,10 @@ class Database:
         import trio
 
         def run() -> T:
-            self._writer.execute(f"PRAGMA synchronous={synchronous}")
-            with transaction(self._writer):
-                return fn(self._writer, *args, **kwargs)
+            with self._transaction_lock:
+                self._writer.execute(f"PRAGMA synchronous={synchronous}")
+                with transaction(self._writer):
+                    return fn(self._writer, *args, **kwargs)
 
         async with self._write_lock:
             try:
