@@ -7,7 +7,9 @@ batch then waits for the copy of earlier ones. Here the writer's commits only ap
 report the log's size (a WAL hook); a thread with its own connection copies the log into the
 database once the writer has been idle for `IDLE_SECONDS`, or at once when the log passes
 `BUSY_BYTES` or a quarter of the disk's free space (a daemon that is never idle still
-checkpoints, and a log never holds much of a filling disk). While the log grows, the thread
+checkpoints, and a log never holds much of a filling disk), then restarts the log, holding
+the writer back (through the transaction lock `Database` shares with it) only for what was
+committed during the copy (`_checkpoint`). While the log grows, the thread
 syncs it ahead every `SYNC_AHEAD_BYTES`, so that the fsync of a volume image's commit
 (synchronous=FULL) finds little left to write. The writer checkpoints itself only if the log
 ever reaches `BACKSTOP_BYTES` (the thread stalled behind a long reader, say).
