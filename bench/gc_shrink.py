@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import daemon
 from procfs import log
 
 MIB = 1024 * 1024
@@ -52,14 +53,6 @@ def concat(target: Path, *parts: Path) -> None:
         for part in parts:
             with part.open("rb") as f:
                 shutil.copyfileobj(f, out, 8 * MIB)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def disk_bytes(database: Path) -> int:
@@ -94,20 +87,11 @@ class Run:
             f"[replication]\nsession_timeout = {SESSION_TIMEOUT}\n"
             '[log]\nformat = "text"\n[metrics]\nlisten = ""\n'
         )
-        log_file = (self.work / "server.log").open("ab")
-        self.server = subprocess.Popen(
+        self.server, self.url, fingerprint = daemon.start(
             [sys.executable, "-m", "replicore", "serve", "--config", str(self.config)],
-            stdout=log_file,
-            stderr=log_file,
+            self.state,
+            self.work / "server.log",
         )
-        info = self.state / "daemon.json"
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start; see server.log")
-            time.sleep(0.1)
-        data = json.loads(info.read_text())
-        self.url, fingerprint = data["urls"][0], data["fingerprint"]
         self.replicore("admin", "add", "admin", "--password-stdin", stdin=PASSWORD + "\n")
         self.replicore("source", "init", "--dir", str(self.source), config=False)
         self.replicore(
@@ -133,13 +117,7 @@ class Run:
             raise RuntimeError(f"DELETE slave/agents/{agent}: {response.text}")
 
     def stop(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(30)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        daemon.stop(self.server)
 
 
 def main() -> int:
@@ -185,7 +163,7 @@ def main() -> int:
             bytes_after=after,
             shrunk_bytes=before - after,
             shrunk_fraction_of_unique=round((before - after) / (args.size_mib * MIB), 4),
-            shared_agent_exports_exactly=sha256(exported) == sha256(dbs),
+            shared_agent_exports_exactly=daemon.sha256_file(exported) == daemon.sha256_file(dbs),
         )
     finally:
         run.stop()

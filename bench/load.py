@@ -39,7 +39,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import daemon
 from procfs import log, proc_cpu_seconds, proc_status_kib, reset_hwm
 
 MIB = 1024 * 1024
@@ -175,37 +175,21 @@ class Load:
             "[log]\n"
             'level = "info"\n'
         )
-        log_file = (self.work / "server.log").open("ab")
         env = dict(os.environ)
         for setting in self.args.server_env:
             name, _, value = setting.partition("=")
             env[name] = value
-        self.server = subprocess.Popen(
+        self.server, self.url, self.fingerprint = daemon.start(
             self.replicore("serve", "--config", str(self.config)),
-            stdout=log_file,
-            stderr=log_file,
+            self.state,
+            self.work / "server.log",
             cwd=self.work,
             env=env,
         )
-        info = self.state / "daemon.json"
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start: see " + str(self.work / "server.log"))
-            time.sleep(0.05)
-        data = json.loads(info.read_text())
-        self.url, self.fingerprint = data["urls"][0], data["fingerprint"]
         log(f"server PID {self.server.pid} on {self.url}")
 
     def stop_server(self) -> None:
-        if self.server is None or self.server.poll() is not None:
-            return
-        self.server.send_signal(signal.SIGTERM)
-        try:
-            self.server.wait(30)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait()
+        daemon.stop(self.server)
 
     # -- set-up --------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import daemon
 from procfs import log, proc_cpu_seconds, proc_status_kib, reset_hwm
 
 MIB = 1024 * 1024
@@ -73,14 +73,6 @@ def drop_caches(enabled: bool) -> bool:
         return True
     except OSError:
         return False
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Bench:
@@ -244,21 +236,12 @@ class Bench:
             "[metrics]\n"
             'listen = ""\n'
         )
-        log_file = (self.work / "server.log").open("ab")
-        self.server = subprocess.Popen(
+        self.server, self.url, self.fingerprint = daemon.start(
             self.replicore("serve", "--config", str(self.config)),
-            stdout=log_file,
-            stderr=log_file,
+            self.state,
+            self.work / "server.log",
             cwd=self.work,
         )
-        info = self.state / "daemon.json"
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start: see " + str(self.work / "server.log"))
-            time.sleep(0.05)
-        data = json.loads(info.read_text())
-        self.url, self.fingerprint = data["urls"][0], data["fingerprint"]
         log(f"server PID {self.server.pid} on {self.url}")
 
     def pair(self) -> None:
@@ -291,14 +274,7 @@ class Bench:
         )
 
     def stop_server(self) -> None:
-        if self.server is None or self.server.poll() is not None:
-            return
-        self.server.send_signal(signal.SIGTERM)
-        try:
-            self.server.wait(30)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait()
+        daemon.stop(self.server)
 
     # -- measurements ------------------------------------------------------------------
 
@@ -374,7 +350,7 @@ class Bench:
             }
         else:
             self.run(cmd, what=f"export of epoch {epoch}")
-        actual = sha256_file(output)
+        actual = daemon.sha256_file(output)
         output.unlink()
         verify = "ok" if actual == expected else "FAIL"
         if record is not None:
@@ -474,7 +450,7 @@ class Bench:
         args = self.args
         log(f"work dir {self.work}")
         info = self.make_image()
-        epoch0 = sha256_file(self.image)
+        epoch0 = daemon.sha256_file(self.image)
         self.emit(
             {
                 "kind": "env",
@@ -512,7 +488,7 @@ class Bench:
             what="make_image --mutate",
         )
         changed_bytes = json.loads(out)["changed_bytes"]
-        epoch1 = sha256_file(self.image)
+        epoch1 = daemon.sha256_file(self.image)
         self.push("changed", changed_bytes)
         self.push("nochange", 0)
         self.export(3, epoch1, timed=True)
