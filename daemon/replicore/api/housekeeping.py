@@ -65,13 +65,8 @@ async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
             report.candidates += len(found.candidates)
             for start in range(0, len(found.candidates), gc.SWEEP_BATCH):
                 batch = found.candidates[start : start + gc.SWEEP_BATCH]
-                count, stored, raw = await rt.db.write(
-                    gc.sweep, found, batch, min_age, dry_run=dry_run
-                )
-                report.deleted_records += count
-                report.freed_stored_bytes += stored
-                report.freed_raw_bytes += raw
-                report.kept_young_or_pinned += len(batch) - count
+                swept = await rt.db.write(gc.sweep, found, batch, min_age, dry_run=dry_run)
+                report.add_sweep(len(batch), swept)
             if found.complete:
                 break
             after = found.last_id

@@ -88,6 +88,14 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def add_sweep(self, batch: int, swept: tuple[int, int, int]) -> None:
+        """Count a `sweep` of `batch` candidates: (records deleted, stored, raw bytes)."""
+        count, stored, raw = swept
+        self.deleted_records += count
+        self.freed_stored_bytes += stored
+        self.freed_raw_bytes += raw
+        self.kept_young_or_pinned += batch - count
+
 
 def repository_ids(conn: apsw.Connection) -> list[int]:
     return [r["repository_id"] for r in rows(conn, "SELECT repository_id FROM record_usage")]
@@ -268,15 +276,12 @@ def collect(
                 # A dry run takes no write lock: its sweep changes only a temp table.
                 conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
                 try:
-                    count, stored, raw = sweep(conn, found, batch, min_age, dry_run=dry_run)
+                    swept = sweep(conn, found, batch, min_age, dry_run=dry_run)
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("ROLLBACK" if dry_run else "COMMIT")
-                report.deleted_records += count
-                report.freed_stored_bytes += stored
-                report.freed_raw_bytes += raw
-                report.kept_young_or_pinned += len(batch) - count
+                report.add_sweep(len(batch), swept)
             if found.complete:
                 break
             after = found.last_id
