@@ -20,7 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+from replicore.app import create_app
 from replicore.cli import main as cli_main
+from replicore.cli.serve import prepare_state
+from replicore.config import parse
+from replicore.runtime import Runtime
+from replicore.server import TrustStore
 from replicore.source import connection, identity
 from replicore.store import db, migrations
 
@@ -161,6 +166,21 @@ def conn(tmp_path: Path) -> Iterator[Any]:
     migrations.apply(connection, path)
     yield connection
     connection.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The application in-process (no server, a database of its own), for its routes."""
+    state = tmp_path_factory.mktemp("app")
+    config = parse({"server": {"state_dir": str(state), "listen": "127.0.0.1:0"}})
+    core_id, cert, key = prepare_state(config)
+    database = db.Database(config.database_path, readers=1)
+    runtime = Runtime(
+        config=config, db=database, trust=TrustStore(cert, key), core_id=core_id,
+        server_fingerprint="",
+    )  # fmt: skip
+    yield create_app(runtime)
+    database.close()
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ Kill points by kind:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import httpx
 from datapath_helpers import DataPathClient, key_entries, keys_checksum, split
 from faults_helpers import follow, integrity, query, verify
 from pairing_helpers import pair_by_demand
-from push_helpers import push, push_process
+from push_helpers import push, push_process, sha256
 from replicore.source import identity
 
 KINDS = ("push", "commit", "delete", "gc", "seed")
@@ -79,10 +78,6 @@ def change_blocks(path: Path, rng: random.Random, percent: float) -> int:
             f.seek(index * BLOCK)
             f.write(rng.randbytes(BLOCK))
     return len(chosen)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass

@@ -15,12 +15,6 @@ import zstandard
 
 from pairing_helpers import pair_by_demand
 from push_helpers import export, make_image, mutate, push
-from replicore.app import create_app
-from replicore.cli.serve import prepare_state
-from replicore.config import parse
-from replicore.runtime import Runtime
-from replicore.server import TrustStore
-from replicore.store.db import Database
 from seed_drive_helpers import DirectClient, bitmap_of, query
 
 KIB = 1024
@@ -240,19 +234,6 @@ def test_other_sources_and_unknown_sessions_are_not_found(server, web01, make_so
     assert web01.file_info(normal).status_code == 404  # not a direct session
     with server.client() as client:
         assert DirectClient(client, "web01").file_info(session).status_code == 401
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: Any) -> Any:
-    state = tmp_path_factory.mktemp("direct-routes")
-    config = parse({"server": {"state_dir": str(state), "listen": "127.0.0.1:0"}})
-    core_id, cert, key = prepare_state(config)
-    db = Database(config.database_path, readers=1)
-    runtime = Runtime(
-        config=config, db=db, trust=TrustStore(cert, key), core_id=core_id, server_fingerprint=""
-    )
-    yield create_app(runtime)
-    db.close()
 
 
 def _endpoint(app: Any, path: str, method: str = "GET") -> str | None:

@@ -23,12 +23,6 @@ import fuzz_helpers
 from datapath_helpers import frame, key_entries, records_body
 from replicore import openapi, protocol
 from replicore.api.openapi import REQUESTS
-from replicore.app import create_app
-from replicore.cli.serve import prepare_state
-from replicore.config import parse
-from replicore.runtime import Runtime
-from replicore.server import TrustStore
-from replicore.store.db import Database
 
 FUZZ_SECONDS = float(os.environ.get("REPLICORE_FUZZ_SECONDS", "60"))
 EXAMPLES = 20
@@ -49,20 +43,6 @@ def document(world) -> dict[str, Any]:
     assert response.headers["content-type"].startswith("application/json")
     found: dict[str, Any] = response.json()
     return found
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The application in-process (no server), to compare its routes with the document."""
-    state = tmp_path_factory.mktemp("openapi-app")
-    config = parse({"server": {"state_dir": str(state), "listen": "127.0.0.1:0"}})
-    core_id, cert, key = prepare_state(config)
-    db = Database(config.database_path, readers=1)
-    runtime = Runtime(
-        config=config, db=db, trust=TrustStore(cert, key), core_id=core_id, server_fingerprint=""
-    )
-    yield create_app(runtime)
-    db.close()
 
 
 # --------------------------------------------------------------------------
