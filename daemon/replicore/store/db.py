@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 15_000
 PAGE_SIZE = 16384
+#: Values per `IN (...)` list: well under SQLite's variable limit, big enough to be fast.
+IN_CHUNK = 1000
 #: SQLite's own largest max_page_count: no cap.
 UNLIMITED_PAGES = 4294967294
 
@@ -96,6 +98,20 @@ def rows(conn: apsw.Connection, sql: str, bindings: Any = ()) -> list[dict[str, 
     except apsw.ExecutionCompleteError:
         return []
     return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def rows_in(
+    conn: apsw.Connection,
+    sql: str,
+    leading: tuple[Any, ...],
+    values: Sequence[Any],
+    chunk: int = IN_CHUNK,
+) -> Iterator[tuple[Any, ...]]:
+    """Run `sql`, whose `{marks}` stands for an `IN (...)` list, over `values` a chunk at a
+    time (bound after `leading`); yield the rows of every chunk."""
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
+        yield from conn.execute(sql.format(marks=",".join("?" * len(part))), (*leading, *part))
 
 
 def row(conn: apsw.Connection, sql: str, bindings: Any = ()) -> dict[str, Any] | None:

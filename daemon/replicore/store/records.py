@@ -25,6 +25,7 @@ from typing import NamedTuple
 import apsw
 
 from . import repositories
+from .db import rows_in
 
 SCHEMA = """
 CREATE TABLE records (
@@ -61,9 +62,6 @@ CREATE TRIGGER records_usage_delete AFTER DELETE ON records BEGIN
 END;
 """
 
-#: Keys per `IN (...)` lookup: well under SQLite's variable limit, big enough to be fast.
-LOOKUP_CHUNK = 1000
-
 
 class StoredRecord(NamedTuple):
     """A record as stored: decompress with `protocol.decompress_record(codec, data, raw_length)`."""
@@ -73,23 +71,17 @@ class StoredRecord(NamedTuple):
     data: bytes
 
 
-def _chunks(items: list[bytes], size: int = LOOKUP_CHUNK) -> Iterable[list[bytes]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def present_keys(conn: apsw.Connection, repository_id: int, keys: Iterable[bytes]) -> set[bytes]:
     """The subset of `keys` whose record the repository holds (index-only lookups)."""
-    wanted = list(dict.fromkeys(keys))
-    found: set[bytes] = set()
-    for chunk in _chunks(wanted):
-        marks = ",".join("?" * len(chunk))
-        for (key,) in conn.execute(
-            f"SELECT key FROM records WHERE repository_id = ? AND key IN ({marks})",
-            (repository_id, *chunk),
-        ):
-            found.add(key)
-    return found
+    return {
+        key
+        for (key,) in rows_in(
+            conn,
+            "SELECT key FROM records WHERE repository_id = ? AND key IN ({marks})",
+            (repository_id,),
+            list(dict.fromkeys(keys)),
+        )
+    }
 
 
 def insert(
@@ -132,17 +124,17 @@ def fetch(
     conn: apsw.Connection, repository_id: int, keys: Iterable[bytes]
 ) -> dict[bytes, StoredRecord]:
     """The stored records of `keys` that the repository holds (absent keys are left out)."""
-    wanted = list(dict.fromkeys(keys))
-    found: dict[bytes, StoredRecord] = {}
-    for chunk in _chunks(wanted, 256):
-        marks = ",".join("?" * len(chunk))
-        for key, codec, raw_length, data in conn.execute(
+    return {
+        key: StoredRecord(codec, raw_length, data)
+        for key, codec, raw_length, data in rows_in(
+            conn,
             "SELECT key, codec, raw_length, data FROM records"
-            f" WHERE repository_id = ? AND key IN ({marks})",
-            (repository_id, *chunk),
-        ):
-            found[key] = StoredRecord(codec, raw_length, data)
-    return found
+            " WHERE repository_id = ? AND key IN ({marks})",
+            (repository_id,),
+            list(dict.fromkeys(keys)),
+            256,
+        )
+    }
 
 
 class Place(NamedTuple):
@@ -156,17 +148,16 @@ class Place(NamedTuple):
 
 def locate(conn: apsw.Connection, repository_id: int, keys: Iterable[bytes]) -> dict[bytes, Place]:
     """The places of the stored records of `keys` that the repository holds."""
-    wanted = list(dict.fromkeys(keys))
-    found: dict[bytes, Place] = {}
-    for chunk in _chunks(wanted):
-        marks = ",".join("?" * len(chunk))
-        for key, *place in conn.execute(
+    return {
+        key: Place(*place)
+        for key, *place in rows_in(
+            conn,
             "SELECT key, id, codec, raw_length, stored_length FROM records"
-            f" WHERE repository_id = ? AND key IN ({marks})",
-            (repository_id, *chunk),
-        ):
-            found[key] = Place(*place)
-    return found
+            " WHERE repository_id = ? AND key IN ({marks})",
+            (repository_id,),
+            list(dict.fromkeys(keys)),
+        )
+    }
 
 
 def open_data(conn: apsw.Connection, rowid: int) -> apsw.Blob:

@@ -34,7 +34,7 @@ import apsw
 from .. import metrics, protocol
 from ..errors import Conflict, InsufficientStorage, NotFound, Unprocessable
 from . import images, records, repositories
-from .db import row, rows
+from .db import row, rows, rows_in
 
 SCHEMA = """
 CREATE TABLE sessions (
@@ -349,16 +349,15 @@ def check_key_entries(
 
 
 def _reserved_keys(conn: apsw.Connection, session_pk: int, keys: list[bytes]) -> set[bytes]:
-    found: set[bytes] = set()
-    for start in range(0, len(keys), records.LOOKUP_CHUNK):
-        chunk = keys[start : start + records.LOOKUP_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for (key,) in conn.execute(
-            f"SELECT key FROM session_reservations WHERE session_pk = ? AND key IN ({marks})",
-            (session_pk, *chunk),
-        ):
-            found.add(key)
-    return found
+    return {
+        key
+        for (key,) in rows_in(
+            conn,
+            "SELECT key FROM session_reservations WHERE session_pk = ? AND key IN ({marks})",
+            (session_pk,),
+            keys,
+        )
+    }
 
 
 def record_keys(
@@ -442,33 +441,29 @@ class VerifiedRecord:
 
 
 def _announced_keys(conn: apsw.Connection, session_pk: int, indices: list[int]) -> dict[int, bytes]:
-    announced: dict[int, bytes] = {}
-    for start in range(0, len(indices), records.LOOKUP_CHUNK):
-        chunk = indices[start : start + records.LOOKUP_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        announced.update(
-            conn.execute(
-                "SELECT block_index, key FROM session_blocks"
-                f" WHERE session_pk = ? AND block_index IN ({marks})",
-                (session_pk, *chunk),
-            )
+    return dict(
+        rows_in(
+            conn,
+            "SELECT block_index, key FROM session_blocks"
+            " WHERE session_pk = ? AND block_index IN ({marks})",
+            (session_pk,),
+            indices,
         )
-    return announced
+    )
 
 
 def _release_reservations(conn: apsw.Connection, session_pk: int, keys: list[bytes]) -> int:
     """Drop the reservations of `keys` (their records are stored); the bytes released."""
-    released = 0
-    for start in range(0, len(keys), records.LOOKUP_CHUNK):
-        chunk = keys[start : start + records.LOOKUP_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for (length,) in conn.execute(
-            f"DELETE FROM session_reservations WHERE session_pk = ? AND key IN ({marks})"
+    return sum(
+        length
+        for (length,) in rows_in(
+            conn,
+            "DELETE FROM session_reservations WHERE session_pk = ? AND key IN ({marks})"
             " RETURNING raw_length",
-            (session_pk, *chunk),
-        ):
-            released += length
-    return released
+            (session_pk,),
+            keys,
+        )
+    )
 
 
 def store_records(
