@@ -35,9 +35,6 @@ IDLE_SECONDS = 1.0
 BUSY_BYTES = 768 * 1024 * 1024
 BACKSTOP_BYTES = 2 * BUSY_BYTES
 SYNC_AHEAD_BYTES = 64 * 1024 * 1024
-#: The writer never cuts the log file itself (cutting a log of hundreds of MiB takes it
-#: 0.4-0.8 s): the thread empties it once the writer is idle (see `_checkpoint`).
-JOURNAL_SIZE_LIMIT = -1
 #: How long restarting the log may wait for readers still on it (the writer waits meanwhile).
 TRUNCATE_WAIT_MS = 200
 #: The restart copies what was committed since the last copy with the writer held back: the
@@ -68,8 +65,6 @@ class Checkpointer:
         self._conn = own
         self._busy_timeout_ms = busy_timeout_ms
         self._writer_lock = writer_lock  # held by the writer around each of its transactions
-        for conn in (writer, own):
-            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -134,7 +129,7 @@ class Checkpointer:
                     continue
                 timeout = due - now
             if pages - synced >= self._sync_pages:
-                self._sync_log()
+                self._sync(self._wal_path)
                 synced = pages
             with self._lock:
                 if self._commits != commits:
@@ -163,7 +158,8 @@ class Checkpointer:
         the page cache has dropped meanwhile reads each of them from disk first (a push
         after an idle time took up to 0.7 s longer in its commits); appended to an empty
         file, they read nothing. While busy the log's pages are still cached: it is
-        restarted in place, which costs the writer nothing."""
+        restarted in place, which costs the writer nothing (cutting a log of hundreds of MiB
+        would hold it 0.4-0.8 s; SQLite's default journal_size_limit never cuts it)."""
         try:
             copied_to = -1
             for _ in range(CATCH_UP_ROUNDS):  # a busy writer appends while this copies
@@ -187,9 +183,6 @@ class Checkpointer:
             log.warning("WAL checkpoint failed: %s", error)
             return False
         return True
-
-    def _sync_log(self) -> None:
-        self._sync(self._wal_path)
 
     @staticmethod
     def _sync(path: str) -> None:
