@@ -49,6 +49,10 @@ from .transport import Answer, TargetClient, TransportError
 READ_CHUNK = 8 * 1024 * 1024
 #: Chunks the kernel is asked to read ahead of the hash pass.
 PREFETCH_CHUNKS = 2
+#: Image bytes the hash pass may run ahead of the key negotiation (their key entries wait in
+#: memory, about 170 bytes per block): a slow answer from the target then does not stall the
+#: read of the image, which is what bounds a push that sends little.
+KEYS_AHEAD_BYTES = 512 * 1024 * 1024
 #: Key entries of the first batch; later batches double up to LAST_KEYS_BATCH, so sending
 #: starts early and large images still need few requests.
 FIRST_KEYS_BATCH = 512
@@ -188,7 +192,10 @@ class _Pipeline:
         self.streams = push.run.options.streams
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
-        self.keys_queue: queue.Queue[list[protocol.KeyEntry] | None] = queue.Queue(maxsize=2)
+        self.keys_queue: queue.Queue[list[protocol.KeyEntry] | None] = queue.Queue()
+        self.keys_queued = 0  # key entries in keys_queue
+        self.keys_taken = threading.Condition()
+        self.keys_ahead = max(1, KEYS_AHEAD_BYTES // push.image.block_size)
         self.send_queue: queue.Queue[list[protocol.KeyEntry] | None] = queue.Queue(
             maxsize=2 * self.streams
         )
@@ -229,6 +236,24 @@ class _Pipeline:
             except queue.Empty:
                 continue
 
+    def _put_keys(self, batch: list[protocol.KeyEntry]) -> None:
+        """Queue a key batch once the entries waiting for negotiation leave room for it."""
+        with self.keys_taken:
+            while self.keys_queued and self.keys_queued + len(batch) > self.keys_ahead:
+                if self.failed.is_set():
+                    raise _Abort
+                self.keys_taken.wait(POLL)
+            self.keys_queued += len(batch)
+        self.keys_queue.put(batch)
+
+    def _get_keys(self) -> list[protocol.KeyEntry] | None:
+        batch = self._get(self.keys_queue)
+        if batch is not None:
+            with self.keys_taken:
+                self.keys_queued -= len(batch)
+                self.keys_taken.notify()
+        return batch
+
     def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         def body() -> None:
             try:
@@ -264,7 +289,7 @@ class _Pipeline:
                     batch.append(protocol.KeyEntry(index, key, min(bs, size - index * bs)))
                     index += 1
                     if len(batch) >= limit:
-                        self._put(self.keys_queue, batch)
+                        self._put_keys(batch)
                         batch = []
                         limit = min(2 * limit, LAST_KEYS_BATCH)
             self.counters.add(bytes_read=nbytes)
@@ -292,8 +317,8 @@ class _Pipeline:
                 take_oldest()
         self.key_count = image.block_count
         if batch:
-            self._put(self.keys_queue, batch)
-        self._put(self.keys_queue, None)
+            self._put_keys(batch)
+        self.keys_queue.put(None)
 
     def _negotiate(self, batch: list[protocol.KeyEntry]) -> None:
         answer = self.client.request(
@@ -411,7 +436,7 @@ class _Pipeline:
         threads = [self.hasher]
         threads += [self._thread(self._sender, f"push-sender-{n}") for n in range(self.streams)]
         try:
-            while (batch := self._get(self.keys_queue)) is not None:
+            while (batch := self._get_keys()) is not None:
                 self._negotiate(batch)
             for _ in range(self.streams):
                 self._put(self.send_queue, None)

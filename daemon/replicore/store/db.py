@@ -33,6 +33,23 @@ PAGE_SIZE = 16384
 IN_CHUNK = 1000
 #: SQLite's own largest max_page_count: no cap.
 UNLIMITED_PAGES = 4294967294
+#: A statement journal (the undo log of one statement inside a transaction) stays in memory
+#: up to this size. Every insert into `records` keeps one (its foreign key and usage trigger
+#: may abort it), about ten pages; with SQLite's default of 64 KiB each went to a temp file,
+#: as many system calls as storing the records themselves.
+STATEMENT_JOURNAL_IN_MEMORY = 16 * 1024 * 1024
+
+
+def _configure_sqlite() -> None:
+    """Process-wide SQLite settings; they can only change while no connection is open."""
+    if apsw.connections():
+        return
+    apsw.shutdown()
+    apsw.config(apsw.SQLITE_CONFIG_STMTJRNL_SPILL, STATEMENT_JOURNAL_IN_MEMORY)
+    apsw.initialize()
+
+
+_configure_sqlite()
 
 
 class NoDatabase(RuntimeError):
