@@ -162,3 +162,27 @@ def test_a_log_written_without_pause_still_starts_over_and_no_commit_fails(
         assert count == 40 * ROWS
     finally:
         db.close()
+
+
+def test_an_asked_checkpoint_empties_the_log_between_two_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "IDLE_SECONDS", 3600)  # the thread stays out of it
+    path = _database(tmp_path)
+    wal = Path(f"{path}-wal")
+    db = Database(path)
+    try:
+
+        async def write_then_checkpoint() -> bool:
+            await db.write_unsynced(_fill)
+            assert wal.stat().st_size > ROWS * 60000
+            done = await db.checkpoint()
+            await db.write_unsynced(_fill)  # the writer goes on in the restarted log
+            return done
+
+        assert trio.run(write_then_checkpoint)
+        assert path.stat().st_size > ROWS * 60000
+        assert wal.stat().st_size < 2 * ROWS * 60000
+        assert connect(path).execute("SELECT count(*) FROM t").fetchone()[0] == 2 * ROWS
+    finally:
+        db.close()

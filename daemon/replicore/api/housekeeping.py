@@ -6,8 +6,8 @@ the freed pages back to the file system.
 No routes: a blueprint only for its serving hooks. The loop lives in the server's nursery
 (`runtime.nursery`) under its own cancel scope, like the data path's session expiry; one
 pass runs at a time (`collect_garbage` and `sweep_once` share a lock). Each step goes through
-`runtime.db` (writes serialised with the data path's); only the truncating WAL checkpoint
-runs on a connection of its own, outside any transaction.
+`runtime.db` (writes serialised with the data path's), the truncating WAL checkpoints
+between vacuum steps too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import trio
 from quart import Blueprint
 
 from .. import background, runtime
-from ..store import db as store_db
 from ..store import gc, recycle_bin, retention
 
 log = logging.getLogger("replicore.housekeeping")
@@ -35,14 +34,6 @@ MIN_INTERVAL = 0.2
 def _lock(rt: runtime.Runtime) -> trio.Lock:
     lock: trio.Lock = rt.extras.setdefault(LOCK_KEY, trio.Lock())
     return lock
-
-
-def _checkpoint(path: Any) -> tuple[int, int, int]:
-    conn = store_db.connect(path)
-    try:
-        return gc.checkpoint(conn)
-    finally:
-        conn.close()
 
 
 async def collect_garbage(rt: runtime.Runtime, *, dry_run: bool = False) -> gc.Report:
@@ -74,7 +65,7 @@ async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
         while True:
             freed = await rt.db.write(gc.vacuum_step)
             report.vacuumed_pages += freed
-            await trio.to_thread.run_sync(_checkpoint, path)
+            await rt.db.checkpoint()
             if freed == 0:
                 break
     report.file_bytes_after = gc.file_bytes(path)

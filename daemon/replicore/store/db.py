@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import apsw
 
 from ..errors import InsufficientStorage
-from .checkpointer import Checkpointer
+from .checkpointer import TRUNCATE_WAIT_MS, Checkpointer
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -197,6 +197,26 @@ class Database:
                     "the database is full: its disk or its configured size"
                     " (server.max_database_bytes) has no room left"
                 ) from None
+
+    async def checkpoint(self) -> bool:
+        """Copy the log into the database and cut it to nothing, between two transactions of
+        the writer (garbage collection, after giving pages back, so the file shrinks). False
+        when a reader or the checkpoint thread kept it from finishing (tried again later)."""
+        import trio
+
+        def run() -> bool:
+            with self._transaction_lock:
+                self._writer.set_busy_timeout(TRUNCATE_WAIT_MS)
+                try:
+                    self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+                except apsw.BusyError:
+                    return False
+                finally:
+                    self._writer.set_busy_timeout(BUSY_TIMEOUT_MS)
+            return True
+
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(run)
 
     async def limit_size(self, max_bytes: int) -> None:
         """Cap the size of the database the writer may grow (0: no cap); see `limit_size`."""
