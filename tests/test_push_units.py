@@ -199,8 +199,8 @@ class SlowKeysClient:
 
 
 def test_hash_pass_runs_ahead_of_a_slow_key_answer_up_to_its_bound(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(push_module, "FIRST_KEYS_BATCH", 8)
-    monkeypatch.setattr(push_module, "LAST_KEYS_BATCH", 16)
+    monkeypatch.setattr(push_module, "KEYS_BATCH_BYTES", 16 * 4096)
+    monkeypatch.setattr(push_module, "MIN_KEYS_BATCH", 16)
     monkeypatch.setattr(push_module, "KEYS_AHEAD_BYTES", 64 * 4096)
     path = tmp_path / "img"
     path.write_bytes(os.urandom(256 * 4096))

@@ -53,10 +53,16 @@ PREFETCH_CHUNKS = 2
 #: memory, about 170 bytes per block): a slow answer from the target then does not stall the
 #: read of the image, which is what bounds a push that sends little.
 KEYS_AHEAD_BYTES = 512 * 1024 * 1024
-#: Key entries of the first batch; later batches double up to LAST_KEYS_BATCH, so sending
-#: starts early and large images still need few requests.
-FIRST_KEYS_BATCH = 512
-LAST_KEYS_BATCH = 16384
+#: Image bytes whose key entries go in one batch (the first batch is half as big, so sending
+#: starts early). Small enough that the batch still to negotiate when the image has been
+#: read is short: the records it finds missing and the commit are all that follow the read.
+KEYS_BATCH_BYTES = 64 * 1024 * 1024
+#: Key entries of a batch whatever the block size.
+MIN_KEYS_BATCH = 64
+MAX_KEYS_BATCH = 16384
+#: Key batches negotiated at once (each on a connection of its own): the next batch's round
+#: trip and the target's work on it overlap the answer to the previous one.
+NEGOTIATORS = 2
 #: Threads hashing one chunk (BLAKE3 releases the GIL).
 HASH_THREADS = 2
 #: Raw bytes of records in one rawdata request (its body is at most this plus headers).
@@ -206,6 +212,7 @@ class _Pipeline:
         # send queue, not by the image.
         self.in_flight: set[bytes] = set()
         self.in_flight_lock = threading.Lock()
+        self.negotiating = NEGOTIATORS
         self.path = ""
         self.hasher: threading.Thread | None = None
         self.batch_bytes = push.run.records_batch_bytes
@@ -275,7 +282,8 @@ class _Pipeline:
         chunk_blocks = max(1, READ_CHUNK // bs)
         buffers = [memoryview(bytearray(chunk_blocks * bs)) for _ in range(2)]
         batch: list[protocol.KeyEntry] = []
-        limit = FIRST_KEYS_BATCH
+        full = min(max(KEYS_BATCH_BYTES // bs, MIN_KEYS_BATCH), MAX_KEYS_BATCH)
+        limit = full // 2
         checksum = self.checksum
         pending: deque[tuple[int, int, list[Future[list[bytes]]]]] = deque()
 
@@ -291,7 +299,7 @@ class _Pipeline:
                     if len(batch) >= limit:
                         self._put_keys(batch)
                         batch = []
-                        limit = min(2 * limit, LAST_KEYS_BATCH)
+                        limit = full
             self.counters.add(bytes_read=nbytes)
             self.stats.add(bytes_read=nbytes)
 
@@ -364,6 +372,17 @@ class _Pipeline:
         if item:
             self._put(self.send_queue, item)
 
+    def _negotiator(self) -> None:
+        while (batch := self._get_keys()) is not None:
+            self._negotiate(batch)
+        self.keys_queue.put(None)  # for the other negotiators
+        with self.in_flight_lock:
+            self.negotiating -= 1
+            last = self.negotiating == 0
+        if last:
+            for _ in range(self.streams):
+                self._put(self.send_queue, None)
+
     def _sender(self) -> None:
         path = f"{self.path}/records/rawdata"
         volume = self.stats.driver_volume_id
@@ -434,12 +453,9 @@ class _Pipeline:
         self.path = session_path
         assert self.hasher is not None
         threads = [self.hasher]
+        threads += [self._thread(self._negotiator, f"push-keys-{n}") for n in range(NEGOTIATORS)]
         threads += [self._thread(self._sender, f"push-sender-{n}") for n in range(self.streams)]
         try:
-            while (batch := self._get_keys()) is not None:
-                self._negotiate(batch)
-            for _ in range(self.streams):
-                self._put(self.send_queue, None)
             for thread in threads:
                 while thread.is_alive():
                     thread.join(POLL)
@@ -660,7 +676,11 @@ def _push(options: PushOptions) -> dict[str, Any]:
         }
         with (
             TargetClient(
-                target["url"], pem, source, connections=options.streams + 1, bucket=bucket
+                target["url"],
+                pem,
+                source,
+                connections=options.streams + NEGOTIATORS + 1,
+                bucket=bucket,
             ) as client,
             AgentState.locked(source, target_core, options.agent_id) as state,
         ):
