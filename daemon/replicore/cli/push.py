@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol import DEFAULT_BLOCK_SIZE
-from ..source.push import OptionError, PushError, PushOptions, VolumeSpec, push
+from ..source.reader import warm_start
 from .common import CommandError, format_size, parse_size
 
+#: Bytes of the first image the kernel is asked to read while the push starts up.
+WARM_BYTES = 64 * 1024 * 1024
 
-def _volume(text: str) -> VolumeSpec:
+
+def _volume(text: str) -> tuple[str, str]:
     volume_id, sep, path = text.partition("=")
     if not sep or not volume_id or not path:
         raise argparse.ArgumentTypeError(f"{text!r} is not DRIVER_VOLUME_ID=PATH")
-    return VolumeSpec(volume_id, path)
+    return volume_id, path
 
 
 def _positive_size(text: str) -> int:
@@ -87,9 +90,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    warm_start(args.volumes[0][1], WARM_BYTES)
+    # Imported once the disk has work: the transport's TLS stack takes a while to load.
+    from ..source.push import OptionError, PushError, PushOptions, VolumeSpec, push
+
     options = PushOptions(
         agent_id=args.agent,
-        volumes=args.volumes,
+        volumes=[VolumeSpec(volume_id, path) for volume_id, path in args.volumes],
         target_url=args.target,
         streams=args.streams,
         block_size=args.block_size,
