@@ -43,34 +43,20 @@ async def collect_garbage(rt: runtime.Runtime, *, dry_run: bool = False) -> gc.R
 
 
 async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
-    started = time.monotonic()
-    path = rt.db.path
-    report = gc.Report(dry_run=dry_run, file_bytes_before=gc.file_bytes(path))
-    report.records_before = await rt.db.read(gc.record_count)
-    min_age = rt.config.replication.session_timeout
-    for repository_id in await rt.db.read(gc.repository_ids):
-        report.repositories += 1
-        after = 0
-        while True:
-            found = await rt.db.read(gc.mark, repository_id, time.time(), after)
-            report.candidates += len(found.candidates)
-            for start in range(0, len(found.candidates), gc.SWEEP_BATCH):
-                batch = found.candidates[start : start + gc.SWEEP_BATCH]
-                swept = await rt.db.write(gc.sweep, found, batch, min_age, dry_run=dry_run)
-                report.add_sweep(len(batch), swept)
-            if found.complete:
-                break
-            after = found.last_id
-    if not dry_run:
-        while True:
-            freed = await rt.db.write(gc.vacuum_step)
-            report.vacuumed_pages += freed
-            await rt.db.checkpoint()
-            if freed == 0:
-                break
-    report.file_bytes_after = gc.file_bytes(path)
-    report.seconds = round(time.monotonic() - started, 3)
-    return report
+    plan = gc.steps(rt.db.path, min_age=rt.config.replication.session_timeout, dry_run=dry_run)
+    result: Any = None
+    while True:
+        try:
+            step = plan.send(result)
+        except StopIteration as done:
+            report: gc.Report = done.value
+            return report
+        if step.kind == "checkpoint":
+            result = await rt.db.checkpoint()
+        elif step.kind == "read":
+            result = await rt.db.read(step.fn, *step.args, **step.kwargs)  # type: ignore[arg-type]
+        else:
+            result = await rt.db.write(step.fn, *step.args, **step.kwargs)  # type: ignore[arg-type]
 
 
 async def apply_retention(rt: runtime.Runtime) -> list[dict[str, Any]]:

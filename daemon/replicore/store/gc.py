@@ -31,14 +31,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import apsw
 
-from .db import rows, transaction
+from .db import rows
 
 #: Records deleted per sweep transaction.
 SWEEP_BATCH = 2000
@@ -244,6 +244,58 @@ def file_bytes(path: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a collection, for its driver to run: `fn(conn, *args, **kwargs)` in a read
+    transaction ("read") or a write transaction ("write"), or the truncating checkpoint
+    ("checkpoint", no fn). A dry run's writes change only a temp table."""
+
+    kind: str
+    fn: Callable[..., Any] | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def steps(
+    path: Path,
+    *,
+    min_age: float,
+    dry_run: bool,
+    now: Callable[[], float] = time.time,
+    batch_size: int = SWEEP_BATCH,
+    page: int = MARK_PAGE,
+) -> Generator[Step, Any, Report]:
+    """A whole collection, as the steps a driver runs one after the other (each `yield`
+    is answered with its step's result); returns the report. The CLI drives it on a
+    connection of its own (`collect`), the daemon through its database runner."""
+    started = time.monotonic()
+    report = Report(dry_run=dry_run, file_bytes_before=file_bytes(path))
+    report.records_before = yield Step("read", record_count)
+    for repository_id in (yield Step("read", repository_ids)):
+        report.repositories += 1
+        after = 0
+        while True:
+            found: Mark = yield Step("read", mark, (repository_id, now(), after, page))
+            report.candidates += len(found.candidates)
+            for start in range(0, len(found.candidates), batch_size):
+                batch = found.candidates[start : start + batch_size]
+                swept = yield Step("write", sweep, (found, batch, min_age), {"dry_run": dry_run})
+                report.add_sweep(len(batch), swept)
+            if found.complete:
+                break
+            after = found.last_id
+    if not dry_run:
+        while True:
+            freed = yield Step("write", vacuum_step)
+            report.vacuumed_pages += freed
+            yield Step("checkpoint")
+            if freed == 0:
+                break
+    report.file_bytes_after = file_bytes(path)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
 def collect(
     conn: apsw.Connection,
     path: Path,
@@ -256,43 +308,24 @@ def collect(
 ) -> Report:
     """A whole collection on a connection outside any transaction (the CLI; the daemon runs
     the same steps through its writer). Safe while the daemon runs."""
-    started = time.monotonic()
-    report = Report(dry_run=dry_run, file_bytes_before=file_bytes(path))
-    with transaction(conn):
-        report.records_before = record_count(conn)
-        targets = repository_ids(conn)
-    for repository_id in targets:
-        report.repositories += 1
-        after = 0
-        while True:
-            conn.execute("BEGIN")
-            try:
-                found = mark(conn, repository_id, now(), after, page)
-            finally:
-                conn.execute("COMMIT")
-            report.candidates += len(found.candidates)
-            for start in range(0, len(found.candidates), batch_size):
-                batch = found.candidates[start : start + batch_size]
-                # A dry run takes no write lock: its sweep changes only a temp table.
-                conn.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
-                try:
-                    swept = sweep(conn, found, batch, min_age, dry_run=dry_run)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("ROLLBACK" if dry_run else "COMMIT")
-                report.add_sweep(len(batch), swept)
-            if found.complete:
-                break
-            after = found.last_id
-    if not dry_run:
-        while True:
-            with transaction(conn):
-                freed = vacuum_step(conn)
-            report.vacuumed_pages += freed
-            checkpoint(conn)
-            if freed == 0:
-                break
-    report.file_bytes_after = file_bytes(path)
-    report.seconds = round(time.monotonic() - started, 3)
-    return report
+    plan = steps(path, min_age=min_age, dry_run=dry_run, now=now, batch_size=batch_size, page=page)
+    result: Any = None
+    while True:
+        try:
+            step = plan.send(result)
+        except StopIteration as done:
+            report: Report = done.value
+            return report
+        if step.kind == "checkpoint":
+            result = checkpoint(conn)
+            continue
+        assert step.fn is not None
+        # A dry run takes no write lock: its sweep changes only a temp table.
+        writes = step.kind == "write" and not dry_run
+        conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+        try:
+            result = step.fn(conn, *step.args, **step.kwargs)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT" if writes else "ROLLBACK")
