@@ -272,7 +272,9 @@ async def record_keys(agent_id: str, job_id: str, session_id: str) -> Response:
     body = await bodies.raw_body(protocol.MAX_KEYS_BATCH_BYTES)
     entries = await trio.to_thread.run_sync(_decode_keys, session, body)
     try:
-        missing = await runtime.current().db.write(
+        # Not synced on its own, as record batches: a resumed push announces every key again,
+        # and the commit's synced transaction makes the keys durable with itself.
+        missing = await runtime.current().db.write_unsynced(
             sessions.record_keys, session["id"], entries, time.time(), disk_free=_disk_free()
         )
     except InsufficientStorage as error:
