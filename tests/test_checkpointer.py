@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from replicore.store import checkpointer
+from replicore.store import db as db_module
 from replicore.store.db import Database, connect
 
 ROWS = 64  # of 60,000 bytes: about 4 MiB of log per write
@@ -184,5 +185,28 @@ def test_an_asked_checkpoint_empties_the_log_between_two_writes(
         assert path.stat().st_size > ROWS * 60000
         assert wal.stat().st_size < 2 * ROWS * 60000
         assert connect(path).execute("SELECT count(*) FROM t").fetchone()[0] == 2 * ROWS
+    finally:
+        db.close()
+
+
+def test_a_durable_read_syncs_the_log_after_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _database(tmp_path)
+    events: list[str] = []
+    monkeypatch.setattr(db_module, "sync_file", lambda p: events.append(f"sync {p}"))
+    db = Database(path)
+    try:
+
+        def count(conn: apsw.Connection) -> int:
+            events.append("read")
+            return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+        async def write_then_read() -> int:
+            await db.write_unsynced(_fill)
+            return await db.read_durable(count)
+
+        assert trio.run(write_then_read) == ROWS
+        assert events == ["read", f"sync {path}-wal"]
     finally:
         db.close()

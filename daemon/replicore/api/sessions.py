@@ -575,7 +575,7 @@ def _image_bitmap(
 @auth.paired_source
 async def session_transferred_blocks(session_id: str) -> Response:
     """Paired source: the bitmap of the blocks of its open session that are durable."""
-    bits, count = await runtime.current().db.read(
+    bits, count = await runtime.current().db.read_durable(
         _session_bitmap, g.core["id"], _session_uuid(session_id)
     )
     return _octets(bits, **{"X-Block-Count": str(count)})
@@ -589,7 +589,7 @@ async def image_transferred_blocks(
     """Paired source: the same bitmap by image (all ones once committed)."""
     if not epoch_number.isdigit() or int(epoch_number) > MAX_EPOCH:
         raise Unprocessable("epochNumber must be an integer 0..4294967295", field="epochNumber")
-    bits, count = await runtime.current().db.read(
+    bits, count = await runtime.current().db.read_durable(
         _image_bitmap, g.core["id"], agent_id, volume_driver_id, int(epoch_number)
     )
     return _octets(bits, **{"X-Block-Count": str(count)})

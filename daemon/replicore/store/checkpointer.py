@@ -43,6 +43,16 @@ RESTART_BYTES = 16 * 1024 * 1024
 CATCH_UP_ROUNDS = 8
 
 
+def sync_file(path: str) -> None:
+    """fdatasync `path` (a missing file has nothing to sync)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
 class Checkpointer:
     """Owns the WAL hook of the writer connection, and a thread and connection of its own."""
 
@@ -129,7 +139,7 @@ class Checkpointer:
                     continue
                 timeout = due - now
             if pages - synced >= self._sync_pages:
-                self._sync(self._wal_path)
+                sync_file(self._wal_path)
                 synced = pages
             with self._lock:
                 if self._commits != commits:
@@ -169,7 +179,7 @@ class Checkpointer:
                 copied_to = log_pages
             if log_pages == 0:
                 return True
-            self._sync(self._path)  # the copy's dirty pages go to disk before the writer waits
+            sync_file(self._path)  # the copy's dirty pages go to disk before the writer waits
             self._conn.set_busy_timeout(TRUNCATE_WAIT_MS)
             try:
                 mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if idle else apsw.SQLITE_CHECKPOINT_RESTART
@@ -183,15 +193,6 @@ class Checkpointer:
             log.warning("WAL checkpoint failed: %s", error)
             return False
         return True
-
-    @staticmethod
-    def _sync(path: str) -> None:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
 
     def close(self) -> None:
         """Stop the thread (after the checkpoint it may be running) and close its connection."""

@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import apsw
 
 from ..errors import InsufficientStorage
-from .checkpointer import TRUNCATE_WAIT_MS, Checkpointer
+from .checkpointer import TRUNCATE_WAIT_MS, Checkpointer, sync_file
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -244,6 +244,17 @@ class Database:
             finally:
                 with self._thread_lock:
                     self._readers.append(conn)
+
+    async def read_durable(
+        self, fn: Callable[Concatenate[apsw.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """As `read`, then the log is synced: what fn saw is on disk when this returns, also
+        the transactions written without their own sync (`write_unsynced`)."""
+        import trio
+
+        result = await self.read(fn, *args, **kwargs)
+        await trio.to_thread.run_sync(sync_file, f"{self.path}-wal")
+        return result
 
     def close(self) -> None:
         self._checkpointer.close()
