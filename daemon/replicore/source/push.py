@@ -53,10 +53,13 @@ PREFETCH_CHUNKS = 2
 #: memory, about 170 bytes per block): a slow answer from the target then does not stall the
 #: read of the image, which is what bounds a push that sends little.
 KEYS_AHEAD_BYTES = 512 * 1024 * 1024
-#: Image bytes whose key entries go in one batch (the first batch is half as big, so sending
-#: starts early). Small enough that the batch still to negotiate when the image has been
-#: read is short: the records it finds missing and the commit are all that follow the read.
+#: Image bytes whose key entries go in one batch: at least KEYS_BATCH_BYTES, at most a
+#: KEYS_BATCHES_PER_IMAGE-th of the image (the first batch is half as big, so sending starts
+#: early). Small enough that the batch left to negotiate once the image is read is short (its
+#: missing records and the commit are all that follow the read), few enough that a large
+#: image does not pay the target's per-request work thousands of times.
 KEYS_BATCH_BYTES = 64 * 1024 * 1024
+KEYS_BATCHES_PER_IMAGE = 16
 #: Key entries of a batch whatever the block size.
 MIN_KEYS_BATCH = 64
 MAX_KEYS_BATCH = 16384
@@ -282,7 +285,8 @@ class _Pipeline:
         chunk_blocks = max(1, READ_CHUNK // bs)
         buffers = [memoryview(bytearray(chunk_blocks * bs)) for _ in range(2)]
         batch: list[protocol.KeyEntry] = []
-        full = min(max(KEYS_BATCH_BYTES // bs, MIN_KEYS_BATCH), MAX_KEYS_BATCH)
+        batch_bytes = max(KEYS_BATCH_BYTES, size // KEYS_BATCHES_PER_IMAGE)
+        full = min(max(batch_bytes // bs, MIN_KEYS_BATCH), MAX_KEYS_BATCH)
         limit = full // 2
         checksum = self.checksum
         pending: deque[tuple[int, int, list[Future[list[bytes]]]]] = deque()
