@@ -20,7 +20,7 @@ import trio
 from quart import Blueprint
 
 from .. import background, runtime
-from ..store import gc, recycle_bin, retention
+from ..store import gc, recycle_bin, retention, steps
 
 log = logging.getLogger("replicore.housekeeping")
 
@@ -43,20 +43,8 @@ async def collect_garbage(rt: runtime.Runtime, *, dry_run: bool = False) -> gc.R
 
 
 async def _collect(rt: runtime.Runtime, dry_run: bool) -> gc.Report:
-    plan = gc.steps(rt.db.path, min_age=rt.config.replication.session_timeout, dry_run=dry_run)
-    result: Any = None
-    while True:
-        try:
-            step = plan.send(result)
-        except StopIteration as done:
-            report: gc.Report = done.value
-            return report
-        if step.kind == "checkpoint":
-            result = await rt.db.checkpoint()
-        elif step.kind == "read":
-            result = await rt.db.read(step.fn, *step.args, **step.kwargs)  # type: ignore[arg-type]
-        else:
-            result = await rt.db.write(step.fn, *step.args, **step.kwargs)  # type: ignore[arg-type]
+    min_age = rt.config.replication.session_timeout
+    return await steps.run_in(rt.db, gc.steps(rt.db.path, min_age=min_age, dry_run=dry_run))
 
 
 async def apply_retention(rt: runtime.Runtime) -> list[dict[str, Any]]:

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import time
 
-import trio
 from quart import Blueprint
 
 from .. import background, runtime
-from ..store import verify
-from ..store.db import Database
+from ..store import steps, verify
 
 log = logging.getLogger("replicore.verify")
 
@@ -29,23 +27,6 @@ bp = Blueprint("integrity", __name__)
 #: Longest sleep of the verify loop between checks of whether a run is due.
 MAX_TICK = 300.0
 MIN_TICK = 0.2
-
-
-async def run_plan(db: Database, plan: verify.Plan) -> verify.Report:
-    """Execute a verify plan through the daemon's database runner."""
-    result: object = None
-    while True:
-        try:
-            step = plan.send(result)
-        except StopIteration as stop:
-            report: verify.Report = stop.value
-            return report
-        if step.kind == "read":
-            result = await db.read(step.fn, *step.args)
-        elif step.kind == "write":
-            result = await db.write(step.fn, *step.args)
-        else:
-            result = await trio.to_thread.run_sync(step.fn, *step.args)
 
 
 def _last_scheduled(conn: object) -> float | None:
@@ -65,7 +46,7 @@ async def verify_if_due(rt: runtime.Runtime) -> verify.Report | None:
     since = last if last is not None else rt.started_at
     if time.time() < since + hours * 3600:
         return None
-    report = await run_plan(rt.db, verify.plan(verify.Scope(), origin="schedule"))
+    report = await steps.run_in(rt.db, verify.plan(verify.Scope(), origin="schedule"))
     summary = (
         f"verify: {report.records_checked} records checked in"
         f" {report.finished_at - report.started_at:.1f} s; {len(report.corrupt)} corrupt"

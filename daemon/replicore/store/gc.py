@@ -17,7 +17,7 @@ Mark and sweep, crash-safe, without holding the write lock for long:
    key announced after the mark and swept before its commit fails that commit cleanly
    instead of producing an image with a missing record.
 3. `vacuum_step` gives free pages back (`PRAGMA incremental_vacuum(N)`, the file was created
-   with `auto_vacuum=INCREMENTAL`) in chunks, and `checkpoint` runs
+   with `auto_vacuum=INCREMENTAL`) in chunks, and a checkpoint step (`steps.CHECKPOINT`) runs
    `wal_checkpoint(TRUNCATE)` between chunks, so the WAL never grows by more than one chunk
    and the main file shrinks.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import apsw
 
 from .db import rows
+from .steps import CHECKPOINT, Plan, read, run, scratch, write
 
 #: Records deleted per sweep transaction.
 SWEEP_BATCH = 2000
@@ -161,7 +162,6 @@ def sweep(
     found: Mark,
     batch: list[tuple[int, bytes, int, int]],
     min_age: float,
-    *,
     dry_run: bool = False,
 ) -> tuple[int, int, int]:
     """Delete the batch's records that are still garbage (re-checked here, see the module
@@ -228,13 +228,6 @@ def vacuum_step(conn: apsw.Connection, pages: int = VACUUM_PAGES) -> int:
     return before - freelist_pages(conn)
 
 
-def checkpoint(conn: apsw.Connection) -> tuple[int, int, int]:
-    """`wal_checkpoint(TRUNCATE)` (outside any transaction): (busy, WAL frames, checkpointed);
-    busy=1 when a reader or writer kept it from finishing (it is then only partial)."""
-    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    return int(busy), int(frames), int(done)
-
-
 def file_bytes(path: Path) -> int:
     """Bytes the database takes on disk: the main file plus its WAL."""
     total = 0
@@ -242,18 +235,6 @@ def file_bytes(path: Path) -> int:
         with contextlib.suppress(FileNotFoundError):
             total += os.path.getsize(f"{path}{suffix}")
     return total
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of a collection, for its driver to run: `fn(conn, *args, **kwargs)` in a read
-    transaction ("read") or a write transaction ("write"), or the truncating checkpoint
-    ("checkpoint", no fn). A dry run's writes change only a temp table."""
-
-    kind: str
-    fn: Callable[..., Any] | None = None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def steps(
@@ -264,31 +245,33 @@ def steps(
     now: Callable[[], float] = time.time,
     batch_size: int = SWEEP_BATCH,
     page: int = MARK_PAGE,
-) -> Generator[Step, Any, Report]:
+) -> Plan[Report]:
     """A whole collection, as the steps a driver runs one after the other (each `yield`
     is answered with its step's result); returns the report. The CLI drives it on a
     connection of its own (`collect`), the daemon through its database runner."""
     started = time.monotonic()
     report = Report(dry_run=dry_run, file_bytes_before=file_bytes(path))
-    report.records_before = yield Step("read", record_count)
-    for repository_id in (yield Step("read", repository_ids)):
+    report.records_before = yield read(record_count)
+    for repository_id in (yield read(repository_ids)):
         report.repositories += 1
         after = 0
         while True:
-            found: Mark = yield Step("read", mark, (repository_id, now(), after, page))
+            found: Mark = yield read(mark, repository_id, now(), after, page)
             report.candidates += len(found.candidates)
             for start in range(0, len(found.candidates), batch_size):
                 batch = found.candidates[start : start + batch_size]
-                swept = yield Step("write", sweep, (found, batch, min_age), {"dry_run": dry_run})
+                # A dry run's sweep changes only a temp table.
+                step = scratch if dry_run else write
+                swept = yield step(sweep, found, batch, min_age, dry_run)
                 report.add_sweep(len(batch), swept)
             if found.complete:
                 break
             after = found.last_id
     if not dry_run:
         while True:
-            freed = yield Step("write", vacuum_step)
+            freed = yield write(vacuum_step)
             report.vacuumed_pages += freed
-            yield Step("checkpoint")
+            yield CHECKPOINT
             if freed == 0:
                 break
     report.file_bytes_after = file_bytes(path)
@@ -308,24 +291,7 @@ def collect(
 ) -> Report:
     """A whole collection on a connection outside any transaction (the CLI; the daemon runs
     the same steps through its writer). Safe while the daemon runs."""
-    plan = steps(path, min_age=min_age, dry_run=dry_run, now=now, batch_size=batch_size, page=page)
-    result: Any = None
-    while True:
-        try:
-            step = plan.send(result)
-        except StopIteration as done:
-            report: Report = done.value
-            return report
-        if step.kind == "checkpoint":
-            result = checkpoint(conn)
-            continue
-        assert step.fn is not None
-        # A dry run takes no write lock: its sweep changes only a temp table.
-        writes = step.kind == "write" and not dry_run
-        conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-        try:
-            result = step.fn(conn, *step.args, **step.kwargs)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT" if writes else "ROLLBACK")
+    return run(
+        conn,
+        steps(path, min_age=min_age, dry_run=dry_run, now=now, batch_size=batch_size, page=page),
+    )

@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import apsw
 
 from .. import protocol
-from .db import row, rows, transaction
+from . import steps
+from .db import row, rows
 
 SCHEMA = """
 CREATE TABLE image_damage (
@@ -170,49 +170,13 @@ class Report:
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Step:
-    """`read`: fn(conn, *args) in a read snapshot; `write`: in one write transaction;
-    `cpu`: fn(*args) without the database (off the event loop in the daemon)."""
-
-    kind: str
-    fn: Callable[..., Any]
-    args: tuple[Any, ...] = ()
-
-
-Plan = Generator[Step, Any, Report]
-
-
-def _read(fn: Callable[..., Any], *args: Any) -> Step:
-    return Step("read", fn, args)
-
-
-def _write(fn: Callable[..., Any], *args: Any) -> Step:
-    return Step("write", fn, args)
-
-
-def _cpu(fn: Callable[..., Any], *args: Any) -> Step:
-    return Step("cpu", fn, args)
+Plan = steps.Plan[Report]
+_read, _write, _cpu = steps.read, steps.write, steps.cpu
 
 
 def run(conn: apsw.Connection, plan: Plan) -> Report:
-    """Execute a plan on a command's own connection (reads in one snapshot each, writes in
-    `BEGIN IMMEDIATE` transactions; SQLite's busy timeout waits for a running daemon)."""
-    result: Any = None
-    while True:
-        try:
-            step = plan.send(result)
-        except StopIteration as stop:
-            report: Report = stop.value
-            return report
-        if step.kind == "read":
-            with conn:  # a savepoint: one snapshot for the step
-                result = step.fn(conn, *step.args)
-        elif step.kind == "write":
-            with transaction(conn):
-                result = step.fn(conn, *step.args)
-        else:
-            result = step.fn(*step.args)
+    """Execute a plan on a command's own connection (`steps.run`)."""
+    return steps.run(conn, plan)
 
 
 # --------------------------------------------------------------------------
