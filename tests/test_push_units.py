@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from replicore import protocol
 from replicore.source import identity
-from replicore.source import push as push_module
 from replicore.source.progress import Counters, Display
 from replicore.source.ratelimit import TokenBucket
 from replicore.source.reader import Image, ImageError, hash_blocks
 from replicore.source.state import AgentState, StateError
-from replicore.source.transport import Answer, WireCounter
+from replicore.source.transport import WireCounter
 
 
 class FakeClock:
@@ -182,54 +178,3 @@ def test_progress_line_names_read_sent_deduplicated_rate_and_eta() -> None:
     assert "sent 5.0 MiB (2.0 MiB compressed, 80 records)" in line
     assert "deduplicated 40.0 MiB" in line
     assert "MiB/s" in line and "ETA" in line
-
-
-class SlowKeysClient:
-    """A target whose first answer to a key batch waits until released; nothing is missing."""
-
-    def __init__(self) -> None:
-        self.asked = threading.Event()
-        self.release = threading.Event()
-
-    def request(self, method: str, path: str, **_: object) -> Answer:
-        assert path.endswith("/records/keys")
-        self.asked.set()
-        assert self.release.wait(10)
-        return Answer(200, {}, protocol.encode_missing([]))
-
-
-def test_hash_pass_runs_ahead_of_a_slow_key_answer_up_to_its_bound(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(push_module, "KEYS_BATCH_BYTES", 16 * 4096)
-    monkeypatch.setattr(push_module, "MIN_KEYS_BATCH", 16)
-    monkeypatch.setattr(push_module, "KEYS_AHEAD_BYTES", 64 * 4096)
-    path = tmp_path / "img"
-    path.write_bytes(os.urandom(256 * 4096))
-    client = SlowKeysClient()
-    with Image(path, 4096) as image:
-        volume = SimpleNamespace(
-            image=image,
-            run=SimpleNamespace(
-                client=client,
-                counters=Counters(image.size),
-                options=SimpleNamespace(streams=1),
-                records_batch_bytes=1 << 20,
-            ),
-            stats=push_module._VolumeStats("c", str(path), image.size, 4096),
-        )
-        pipeline = push_module._Pipeline(volume)  # type: ignore[arg-type]
-        pipeline.start_hashing()
-        result: list[tuple[int, str]] = []
-        runner = threading.Thread(target=lambda: result.append(pipeline.run("slave/a/j/s")))
-        runner.start()
-        assert client.asked.wait(10)
-        deadline = time.monotonic() + 10
-        # More than the two batches a queue of batches would hold wait for the answer...
-        while pipeline.keys_queued < 48 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pipeline.keys_queued >= 48
-        time.sleep(0.2)
-        # ...but never more blocks than the bound.
-        assert pipeline.keys_queued <= 64
-        client.release.set()
-        runner.join(10)
-    assert result and result[0][0] == 256

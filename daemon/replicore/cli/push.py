@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..protocol import DEFAULT_BLOCK_SIZE
-from ..source.reader import warm_start
+from ..protocol import DEFAULT_BLOCK_SIZE, ProtocolError, check_block_size
+from ..source.hashpass import HashPass
+from ..source.reader import Image, ImageError
 from .common import CommandError, format_size, parse_size
-
-#: Bytes of the first image the kernel is asked to read while the push starts up.
-WARM_BYTES = 64 * 1024 * 1024
 
 
 def _volume(text: str) -> tuple[str, str]:
@@ -89,9 +87,20 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _first_pass(args: argparse.Namespace) -> HashPass | None:
+    """The first volume's hash pass, started now: the image is read while the push loads its
+    TLS stack and connects. None where the push itself will report what is wrong."""
+    if args.direct:
+        return None
+    try:
+        check_block_size(args.block_size)
+        return HashPass.started(Image(args.volumes[0][1], args.block_size))
+    except (ProtocolError, ImageError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    warm_start(args.volumes[0][1], WARM_BYTES)
-    # Imported once the disk has work: the transport's TLS stack takes a while to load.
+    first_pass = _first_pass(args)
     from ..source.push import OptionError, PushError, PushOptions, VolumeSpec, push
 
     options = PushOptions(
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         max_rate=args.max_rate,
         directory=args.dir,
         progress=sys.stderr,
+        first_pass=first_pass,
     )
     try:
         if args.direct:

@@ -10,8 +10,8 @@ after the last one the target committed.
 The stages run at once, in threads, with bounded queues between them so that memory stays
 flat whatever the image size:
 
-    hasher (reads sequentially, hashes)  -> key batches -> negotiation (this thread)
-    negotiation -> lists of missing blocks -> N senders (re-read those blocks, compress, POST)
+    hash pass (reads sequentially, hashes) -> key batches -> 2 negotiators
+    negotiators -> lists of missing blocks -> N senders (re-read those blocks, compress, POST)
 
 blake3, zstandard, OpenSSL and file reads release the GIL, so the threads use both cores.
 The image is never held in memory: senders read the missing blocks again (the page cache
@@ -27,9 +27,7 @@ import gc
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,37 +35,18 @@ from urllib.parse import quote
 
 from .. import protocol
 from . import identity
+from .hashpass import Cancelled, HashPass
 from .identity import IdentityError
 from .job_mirror import JobMirror
 from .progress import Counters, Display
 from .ratelimit import TokenBucket
-from .reader import Image, ImageError, hash_blocks
+from .reader import Image, ImageError
 from .state import AgentState, StateError
 from .transport import Answer, TargetClient, TransportError
 
-#: Image bytes read and hashed at once by the hasher.
-READ_CHUNK = 8 * 1024 * 1024
-#: Chunks the kernel is asked to read ahead of the hash pass.
-PREFETCH_CHUNKS = 2
-#: Image bytes the hash pass may run ahead of the key negotiation (their key entries wait in
-#: memory, about 170 bytes per block): a slow answer from the target then does not stall the
-#: read of the image, which is what bounds a push that sends little.
-KEYS_AHEAD_BYTES = 512 * 1024 * 1024
-#: Image bytes whose key entries go in one batch: at least KEYS_BATCH_BYTES, at most a
-#: KEYS_BATCHES_PER_IMAGE-th of the image (the first batch is half as big, so sending starts
-#: early). Small enough that the batch left to negotiate once the image is read is short (its
-#: missing records and the commit are all that follow the read), few enough that a large
-#: image does not pay the target's per-request work thousands of times.
-KEYS_BATCH_BYTES = 64 * 1024 * 1024
-KEYS_BATCHES_PER_IMAGE = 16
-#: Key entries of a batch whatever the block size.
-MIN_KEYS_BATCH = 64
-MAX_KEYS_BATCH = 16384
 #: Key batches negotiated at once (each on a connection of its own): the next batch's round
 #: trip and the target's work on it overlap the answer to the previous one.
 NEGOTIATORS = 2
-#: Threads hashing one chunk (BLAKE3 releases the GIL).
-HASH_THREADS = 2
 #: Raw bytes of records in one rawdata request (its body is at most this plus headers).
 RECORDS_BATCH_BYTES = 4 * 1024 * 1024
 #: With --max-rate, a rawdata request carries about this many seconds of sending, so that an
@@ -101,6 +80,9 @@ class PushOptions:
     block_size: int = protocol.DEFAULT_BLOCK_SIZE
     max_rate: int | None = None
     directory: Path | None = None
+    #: The first volume's hash pass, already started by the caller on an image of the first
+    #: volume's path with this block size; the push owns it from then on.
+    first_pass: HashPass | None = None
     #: Where the progress line goes (only drawn when it is a terminal).
     progress: TextIO | None = None
 
@@ -192,7 +174,7 @@ class _Abort(Exception):
 class _Pipeline:
     """One pass over one volume: hash, negotiate, send.  Returns the commit figures."""
 
-    def __init__(self, push: _VolumePush) -> None:
+    def __init__(self, push: _VolumePush, hash_pass: HashPass) -> None:
         self.push = push
         self.image = push.image
         self.client = push.run.client
@@ -201,15 +183,11 @@ class _Pipeline:
         self.streams = push.run.options.streams
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
-        self.keys_queue: queue.Queue[list[protocol.KeyEntry] | None] = queue.Queue()
-        self.keys_queued = 0  # key entries in keys_queue
-        self.keys_taken = threading.Condition()
-        self.keys_ahead = max(1, KEYS_AHEAD_BYTES // push.image.block_size)
+        self.hash_pass = hash_pass
+        hash_pass.report_reads(self._read)
         self.send_queue: queue.Queue[list[protocol.KeyEntry] | None] = queue.Queue(
             maxsize=2 * self.streams
         )
-        self.checksum = protocol.KeyListChecksum()
-        self.key_count = 0
         # Keys of the records queued or being sent: a key the target lists again while its
         # record is on the way (it repeats in the image) is not sent twice.  Bounded by the
         # send queue, not by the image.
@@ -217,15 +195,19 @@ class _Pipeline:
         self.in_flight_lock = threading.Lock()
         self.negotiating = NEGOTIATORS
         self.path = ""
-        self.hasher: threading.Thread | None = None
         self.batch_bytes = push.run.records_batch_bytes
 
     # -- plumbing ----------------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> None:
-        if not isinstance(error, _Abort):
+        if not isinstance(error, (_Abort, Cancelled)):
             self.errors.append(error)
         self.failed.set()
+        self.hash_pass.cancel()
+
+    def _read(self, nbytes: int) -> None:
+        self.counters.add(bytes_read=nbytes)
+        self.stats.add(bytes_read=nbytes)
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
         while True:
@@ -246,24 +228,6 @@ class _Pipeline:
             except queue.Empty:
                 continue
 
-    def _put_keys(self, batch: list[protocol.KeyEntry]) -> None:
-        """Queue a key batch once the entries waiting for negotiation leave room for it."""
-        with self.keys_taken:
-            while self.keys_queued and self.keys_queued + len(batch) > self.keys_ahead:
-                if self.failed.is_set():
-                    raise _Abort
-                self.keys_taken.wait(POLL)
-            self.keys_queued += len(batch)
-        self.keys_queue.put(batch)
-
-    def _get_keys(self) -> list[protocol.KeyEntry] | None:
-        batch = self._get(self.keys_queue)
-        if batch is not None:
-            with self.keys_taken:
-                self.keys_queued -= len(batch)
-                self.keys_taken.notify()
-        return batch
-
     def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         def body() -> None:
             try:
@@ -276,61 +240,6 @@ class _Pipeline:
         return thread
 
     # -- stages ------------------------------------------------------------------------
-
-    def _hasher(self) -> None:
-        """Read the image in chunks and hash them: chunk k+1 is read while the hash workers
-        hash chunk k (two buffers), then its entries go to the key batches in index order."""
-        image, bs, size = self.image, self.image.block_size, self.image.size
-        image.advise_sequential()
-        chunk_blocks = max(1, READ_CHUNK // bs)
-        buffers = [memoryview(bytearray(chunk_blocks * bs)) for _ in range(2)]
-        batch: list[protocol.KeyEntry] = []
-        batch_bytes = max(KEYS_BATCH_BYTES, size // KEYS_BATCHES_PER_IMAGE)
-        full = min(max(batch_bytes // bs, MIN_KEYS_BATCH), MAX_KEYS_BATCH)
-        limit = full // 2
-        checksum = self.checksum
-        pending: deque[tuple[int, int, list[Future[list[bytes]]]]] = deque()
-
-        def take_oldest() -> None:
-            nonlocal batch, limit
-            first, nbytes, futures = pending.popleft()
-            index = first
-            for future in futures:
-                for key in future.result():
-                    checksum.update(index, key)
-                    batch.append(protocol.KeyEntry(index, key, min(bs, size - index * bs)))
-                    index += 1
-                    if len(batch) >= limit:
-                        self._put_keys(batch)
-                        batch = []
-                        limit = full
-            self.counters.add(bytes_read=nbytes)
-            self.stats.add(bytes_read=nbytes)
-
-        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="push-hash") as workers:
-            for n, first in enumerate(range(0, image.block_count, chunk_blocks)):
-                if self.failed.is_set():
-                    raise _Abort
-                start = first * bs
-                nbytes = min(chunk_blocks * bs, size - start)
-                image.prefetch(start + chunk_blocks * bs, PREFETCH_CHUNKS * chunk_blocks * bs)
-                view = buffers[n % 2][:nbytes]
-                image.read_into(view, start)
-                if len(pending) == 1:
-                    take_oldest()  # frees the other buffer before it is read into
-                blocks = -(-nbytes // bs)
-                share = -(-blocks // HASH_THREADS) * bs
-                futures = [
-                    workers.submit(hash_blocks, view[at : at + share], bs)
-                    for at in range(0, nbytes, share)
-                ]
-                pending.append((first, nbytes, futures))
-            while pending:
-                take_oldest()
-        self.key_count = image.block_count
-        if batch:
-            self._put_keys(batch)
-        self.keys_queue.put(None)
 
     def _negotiate(self, batch: list[protocol.KeyEntry]) -> None:
         answer = self.client.request(
@@ -377,9 +286,8 @@ class _Pipeline:
             self._put(self.send_queue, item)
 
     def _negotiator(self) -> None:
-        while (batch := self._get_keys()) is not None:
+        while (batch := self.hash_pass.take()) is not None:
             self._negotiate(batch)
-        self.keys_queue.put(None)  # for the other negotiators
         with self.in_flight_lock:
             self.negotiating -= 1
             last = self.negotiating == 0
@@ -440,24 +348,16 @@ class _Pipeline:
 
     # -- the pass ----------------------------------------------------------------------
 
-    def start_hashing(self) -> None:
-        """Start reading and hashing the image (it needs no session: the push opens one
-        meanwhile)."""
-        self.hasher = self._thread(self._hasher, "push-hasher")
-
     def cancel(self) -> None:
         """Stop the hash pass (the session turned out to be committed already, or opening
         it failed)."""
         self.failed.set()
-        if self.hasher is not None:
-            self.hasher.join()
+        self.hash_pass.cancel()
 
     def run(self, session_path: str) -> tuple[int, str]:
         """Negotiate and send on the session at `session_path`; the commit's figures."""
         self.path = session_path
-        assert self.hasher is not None
-        threads = [self.hasher]
-        threads += [self._thread(self._negotiator, f"push-keys-{n}") for n in range(NEGOTIATORS)]
+        threads = [self._thread(self._negotiator, f"push-keys-{n}") for n in range(NEGOTIATORS)]
         threads += [self._thread(self._sender, f"push-sender-{n}") for n in range(self.streams)]
         try:
             for thread in threads:
@@ -471,16 +371,20 @@ class _Pipeline:
             raise self.errors[0]
         if self.failed.is_set():
             raise PushError("push stopped")
-        return self.key_count, self.checksum.hexdigest()
+        return self.hash_pass.key_count, self.hash_pass.checksum.hexdigest()
 
 
 class _VolumePush:
     """Push of one volume within a run: session, passes, commit."""
 
-    def __init__(self, run: _Run, spec: VolumeSpec, image: Image) -> None:
+    def __init__(
+        self, run: _Run, spec: VolumeSpec, image: Image, started_pass: HashPass | None
+    ) -> None:
         self.run = run
         self.spec = spec
         self.image = image
+        #: The first pass over this image, if the command started it already.
+        self.started_pass = started_pass
         self.entry = run.state.run["volumes"][spec.volume_id]  # type: ignore[index]
         self.stats = _VolumeStats(spec.volume_id, spec.path, image.size, image.block_size)
         self.session_path = ""
@@ -537,8 +441,10 @@ class _VolumePush:
             stats.session_id = self.entry.get("sessionId")
             return stats.report()
         while True:
-            pipeline = _Pipeline(self)
-            pipeline.start_hashing()
+            # The pass is read and hashed while the session opens (it needs none).
+            hash_pass = self.started_pass or HashPass.started(self.image)
+            self.started_pass = None
+            pipeline = _Pipeline(self, hash_pass)
             try:
                 session = self._open_session()
             except BaseException:
@@ -640,21 +546,25 @@ def check_options(options: PushOptions) -> None:
 
 def push(options: PushOptions) -> dict[str, Any]:
     """Push the volumes as one recovery point; returns the figures of the run."""
-    check_options(options)
     # The hash pass makes a tuple per block and keeps batches of them alive: the cyclic
     # garbage collector would rescan them again and again (measured: 6% of the client's
     # CPU on a no-change push) for no cycle to find.
     collecting = gc.isenabled()
     gc.disable()
     try:
+        check_options(options)
         return _push(options)
     finally:
+        if options.first_pass is not None:
+            options.first_pass.cancel()
+            options.first_pass.image.close()
         if collecting:
             gc.enable()
 
 
 def _push(options: PushOptions) -> dict[str, Any]:
-    started = time.monotonic()
+    # The run's time includes the read of the first image since the command started it.
+    started = time.monotonic() if options.first_pass is None else options.first_pass.started_at
     try:
         source = identity.load(options.directory)
         target = source.find_target(options.target_url)
@@ -668,10 +578,10 @@ def _push(options: PushOptions) -> dict[str, Any]:
     batch_bytes = RECORDS_BATCH_BYTES
     if options.max_rate:
         batch_bytes = min(batch_bytes, max(1, int(options.max_rate * RATED_BATCH_SECONDS)))
-    images: list[Image] = []
+    images = [] if options.first_pass is None else [options.first_pass.image]
     display: Display | None = None
     try:
-        for spec in options.volumes:
+        for spec in options.volumes[len(images) :]:
             images.append(Image(spec.path, options.block_size))
         counters = Counters(sum(image.size for image in images))
         shapes = {
@@ -709,9 +619,10 @@ def _push(options: PushOptions) -> dict[str, Any]:
             )
             job.start()
             try:
+                passes = [options.first_pass] + [None] * (len(images) - 1)
                 reports = [
-                    _VolumePush(run, spec, image).push()
-                    for spec, image in zip(options.volumes, images, strict=True)
+                    _VolumePush(run, spec, image, started).push()
+                    for spec, image, started in zip(options.volumes, images, passes, strict=True)
                 ]
             except BaseException as error:
                 job.finish(error)
@@ -728,6 +639,8 @@ def _push(options: PushOptions) -> dict[str, Any]:
     finally:
         if display is not None:
             display.stop()
+        if options.first_pass is not None:
+            options.first_pass.cancel()  # before its image is closed under it
         for image in images:
             image.close()
     return run_summary(

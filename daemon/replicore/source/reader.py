@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,30 +107,6 @@ class Image:
             self.read_into(whole[run_pos:pos], run_start * bs)
         whole.release()
         return buffer, views
-
-
-#: Bytes asked ahead per read-ahead request of `warm_start`.
-WARM_STEP = 8 * 1024 * 1024
-
-
-def warm_start(path: str, length: int) -> None:
-    """Have the kernel start reading the first `length` bytes of an image in the background,
-    so that the disk is busy with it while the push starts up (imports, TLS, its state)
-    instead of idle until the hash pass asks. A thread asks: a request may wait for room in
-    the disk's queue."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-
-    def ask() -> None:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                for offset in range(0, length, WARM_STEP):
-                    os.posix_fadvise(fd, offset, WARM_STEP, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-
-    threading.Thread(target=ask, name="push-warm", daemon=True).start()
 
 
 def hash_blocks(view: memoryview, block_size: int) -> list[bytes]:
