@@ -156,6 +156,19 @@ def test_checksum_rejects_out_of_order_or_duplicate_index() -> None:
         ck.update(2, b"b" * 32)
 
 
+def test_checksum_of_ascending_runs_equals_entry_by_entry() -> None:
+    entries = [(i * 3, record_key(bytes([i]))) for i in range(10)]
+    one_by_one, in_runs = KeyListChecksum(), KeyListChecksum()
+    for index, key in entries:
+        one_by_one.update(index, key)
+    in_runs.update_ascending(entries[:4])
+    in_runs.update_ascending([])
+    in_runs.update_ascending(entries[4:])
+    assert in_runs.hexdigest() == one_by_one.hexdigest() and in_runs.count == 10
+    with pytest.raises(ValueError):  # a run must follow what came before
+        in_runs.update_ascending(entries[-1:])
+
+
 def test_checksum_of_empty_session_is_blake3_of_nothing() -> None:
     assert KeyListChecksum().hexdigest() == blake3.blake3(b"").hexdigest()
 

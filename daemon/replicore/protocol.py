@@ -26,7 +26,8 @@ from __future__ import annotations
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import starmap
 from typing import NamedTuple
 
 import blake3
@@ -205,6 +206,18 @@ class KeyListChecksum:
         self._hasher.update(_INDEX_KEY.pack(index, key))
         self._last = index
         self._count += 1
+
+    def update_ascending(self, entries: Sequence[tuple[int, bytes]]) -> None:
+        """Add `(index, key)` entries known to be valid and in strictly ascending order (rows
+        read in primary-key order from a table of checked entries), in one hash update; only
+        their place after the entries added before is checked."""
+        if not entries:
+            return
+        if self._last is not None and entries[0][0] <= self._last:
+            raise ValueError(f"block index {entries[0][0]} not above previous index {self._last}")
+        self._hasher.update(b"".join(starmap(_INDEX_KEY.pack, entries)))
+        self._last = entries[-1][0]
+        self._count += len(entries)
 
     def digest(self) -> bytes:
         return self._hasher.digest()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import apsw
@@ -377,10 +378,11 @@ def commit(conn: apsw.Connection, session_pk: int, now: float) -> dict[str, Any]
     itself announced (every block of the image)."""
     session = sessions.get(conn, session_pk)
     checksum = protocol.KeyListChecksum()
-    for index, key in conn.execute(
+    rows = conn.execute(
         "SELECT block_index, key FROM session_blocks WHERE session_pk = ? ORDER BY block_index",
         (session_pk,),
-    ):
-        checksum.update(index, key)
+    )
+    while part := list(islice(rows, sessions.COMMIT_STEP)):
+        checksum.update_ascending(part)
     answer = sessions.commit(conn, session_pk, session["block_count"], checksum.hexdigest(), now)
     return {**answer, "nextBlockIndex": None}

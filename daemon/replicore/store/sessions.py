@@ -25,8 +25,10 @@ Every function here runs inside the caller's transaction (`Database.write` / `re
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import apsw
@@ -559,14 +561,13 @@ def commit(
     recovery point if this was the last volume, and end the session: all in the caller's one
     transaction. Unprocessable (nothing changed, the session stays open) otherwise."""
     session = get(conn, session_pk)
-    count, size, block_size = session["block_count"], session["size"], session["block_size"]
+    count, block_size = session["block_count"], session["block_size"]
     if block_count != count:
         raise Unprocessable(
             f"blockCount {block_count} differs from the image's {count} blocks",
             field="blockCount",
         )
     agent_pk, volume = session["agent_pk"], session["driver_volume_id"]
-    repository_id = session["repository_id"]
     parent = None
     if session["previous_epoch_number"] is not None:
         parent = images.find(conn, agent_pk, volume, session["previous_epoch_number"])
@@ -581,21 +582,79 @@ def commit(
         parent_chain, broken_at = images.chain(conn, parent)
         if broken_at is None:
             inherit_limit = min(count, parent["block_count"])
+    with conn:  # a savepoint: the image's rows go in before the checks that may refuse it
+        return _add_image(conn, session, parent, parent_chain, inherit_limit, keys_checksum, now)
 
+
+def _add_image(
+    conn: apsw.Connection,
+    session: dict[str, Any],
+    parent: dict[str, Any] | None,
+    parent_chain: list[dict[str, Any]],
+    inherit_limit: int,
+    keys_checksum: str,
+    now: float,
+) -> dict[str, Any]:
+    """The checks and writes of `commit` once the parent is known."""
+    session_pk, count, size = session["id"], session["block_count"], session["size"]
+    volume, block_size = session["driver_volume_id"], session["block_size"]
+    agent_pk, repository_id = session["agent_pk"], session["repository_id"]
+    point_pk = images.attach_recovery_point(
+        conn,
+        agent_pk,
+        session["recovery_point_id"],
+        session["recovery_point_timestamp"],
+        session["volume_count"],
+        volume,
+        now,
+    )
+    image_id = images.add_image(
+        conn,
+        {
+            "agent_pk": agent_pk,
+            "recovery_point_pk": point_pk,
+            "repository_id": repository_id,
+            "driver_volume_id": volume,
+            "epoch_number": session["epoch_number"],
+            "previous_epoch_number": session["previous_epoch_number"],
+            "block_size": block_size,
+            "size": size,
+            "block_count": count,
+            "stored_block_count": 0,
+            "keys_checksum": keys_checksum.lower(),
+            "session_id": session["session_id"],
+            "job_id": session["job_id"],
+            "committed_at": now,
+        },
+    )
+    # One pass over the key list, a step at a time: its checksum, and against a parent the
+    # blocks whose key differs (stored before the checks below: their failure rolls it back).
     checksum = protocol.KeyListChecksum()
-    announced = announced_below = without_record = 0
-    for index, key, present in conn.execute(
-        "SELECT b.block_index, b.key, EXISTS (SELECT 1 FROM records r"
-        " WHERE r.repository_id = ? AND r.key = b.key)"
-        " FROM session_blocks b WHERE b.session_pk = ? ORDER BY b.block_index",
-        (repository_id, session_pk),
-    ):
-        checksum.update(index, key)
-        announced += 1
-        if index < inherit_limit:
-            announced_below += 1
-        if not present:
-            without_record += 1
+    announced = announced_below = stored = 0
+    for start in range(0, count, COMMIT_STEP):
+        stop = min(count, start + COMMIT_STEP)
+        blocks = conn.execute(
+            "SELECT block_index, key FROM session_blocks"
+            " WHERE session_pk = ? AND block_index >= ? AND block_index < ?"
+            " ORDER BY block_index",
+            (session_pk, start, stop),
+        ).fetchall()
+        checksum.update_ascending(blocks)
+        announced += len(blocks)
+        if start < inherit_limit:
+            announced_below += bisect.bisect_left(blocks, inherit_limit, key=itemgetter(0))
+        if parent_chain:
+            resolved = images.resolve(conn, parent_chain, start, stop)
+            stored += images.insert_blocks(
+                conn,
+                image_id,
+                [(i, key) for i, key in blocks if resolved.get(i) != (key, repository_id)],
+            )
+    without_record = conn.execute(
+        "SELECT count(*) FROM session_blocks b WHERE b.session_pk = ? AND NOT EXISTS"
+        " (SELECT 1 FROM records r WHERE r.repository_id = ? AND r.key = b.key)",
+        (session_pk, repository_id),
+    ).fetchone()[0]
     inherited = inherit_limit - announced_below
     edge = inherit_limit - 1
     if (
@@ -631,35 +690,6 @@ def commit(
             " recorded for this session",
             field="keysChecksum",
         )
-
-    point_pk = images.attach_recovery_point(
-        conn,
-        agent_pk,
-        session["recovery_point_id"],
-        session["recovery_point_timestamp"],
-        session["volume_count"],
-        volume,
-        now,
-    )
-    image_id = images.add_image(
-        conn,
-        {
-            "agent_pk": agent_pk,
-            "recovery_point_pk": point_pk,
-            "repository_id": repository_id,
-            "driver_volume_id": volume,
-            "epoch_number": session["epoch_number"],
-            "previous_epoch_number": session["previous_epoch_number"],
-            "block_size": block_size,
-            "size": size,
-            "block_count": count,
-            "stored_block_count": 0,
-            "keys_checksum": checksum.hexdigest(),
-            "session_id": session["session_id"],
-            "job_id": session["job_id"],
-            "committed_at": now,
-        },
-    )
     if not parent_chain:
         conn.execute(
             "INSERT INTO image_blocks(image_id, block_index, key)"
@@ -667,21 +697,6 @@ def commit(
             (image_id, session_pk),
         )
         stored = announced
-    else:
-        stored = 0
-        for start in range(0, count, COMMIT_STEP):
-            stop = min(count, start + COMMIT_STEP)
-            resolved = images.resolve(conn, parent_chain, start, stop)
-            changed = [
-                (index, key)
-                for index, key in conn.execute(
-                    "SELECT block_index, key FROM session_blocks"
-                    " WHERE session_pk = ? AND block_index >= ? AND block_index < ?",
-                    (session_pk, start, stop),
-                )
-                if resolved.get(index) != (key, repository_id)
-            ]
-            stored += images.insert_blocks(conn, image_id, changed)
     images.set_stored_block_count(conn, image_id, stored)
     complete = images.settle_recovery_point(conn, point_pk, now)
     _delete(conn, session_pk)
