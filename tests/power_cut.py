@@ -2,9 +2,10 @@
 operation on to the real one, and remembers for each file what a power cut would leave of it.
 
 Each file's history is its bytes as of its last sync plus the writes and truncations since.
-`cut(rng, into)` writes, for every file, the synced bytes with a random subset of the later
-operations applied (in order: the disk may have written some of them, in any order), into
-another directory, where the test opens what a restarted daemon would find. Syncs made below
+`cut(rng, into)`, or `cut_at_write` in the middle of whatever is writing, writes for every
+file the synced bytes with a random subset of the later operations applied (in order: the
+disk may have written some of them, in any order) into another directory, where the test
+opens what a restarted daemon would find. Syncs made below
 SQLite (`os.fdatasync` of the log by `store.checkpointer.sync_file`) are reported through
 `tracking(sync_file)`. The shared-memory index (`-shm`) is not a file SQLite keeps across a
 restart, so it is not copied; directories are taken as always durable.
@@ -42,6 +43,8 @@ class PowerCutDisk(apsw.VFS):
         self.lock = threading.Lock()
         self.synced_bytes: dict[str, bytearray] = {}
         self.pending: dict[str, list[Operation]] = {}
+        self._trigger: tuple[str, int, random.Random, Path, float] | None = None
+        self.cut_taken = threading.Event()
         super().__init__("power-cut", self.base, makedefault=True)
 
     def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:
@@ -92,16 +95,38 @@ class PowerCutDisk(apsw.VFS):
         """Write what the disk holds after a power cut into the directory `into` (each file
         under its own name): the synced bytes, then each later operation with probability
         `keep`."""
-        into.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            for path, synced in self.synced_bytes.items():
-                if not os.path.exists(path) and not self.pending[path]:
-                    continue  # deleted
-                content = bytearray(synced)
-                for operation in self.pending[path]:
-                    if rng.random() < keep:
-                        _apply(content, operation)
-                (into / Path(path).name).write_bytes(bytes(content))
+            self._cut(rng, into, keep)
+
+    def cut_at_write(
+        self, name: str, count: int, rng: random.Random, into: Path, keep: float = 0.5
+    ) -> None:
+        """Arm a cut (as `cut`) right after the `count`-th write from now to the file called
+        `name`, whoever writes it; `cut_taken` is set once it happened."""
+        with self.lock:
+            self._trigger = (name, count, rng, into, keep)
+
+    def _after_write(self, path: str) -> None:
+        if self._trigger is None or Path(path).name != self._trigger[0]:
+            return
+        name, count, rng, into, keep = self._trigger
+        if count > 1:
+            self._trigger = (name, count - 1, rng, into, keep)
+            return
+        self._trigger = None
+        self._cut(rng, into, keep)
+        self.cut_taken.set()
+
+    def _cut(self, rng: random.Random, into: Path, keep: float) -> None:
+        into.mkdir(parents=True, exist_ok=True)
+        for path, synced in self.synced_bytes.items():
+            if not os.path.exists(path) and not self.pending[path]:
+                continue  # deleted
+            content = bytearray(synced)
+            for operation in self.pending[path]:
+                if rng.random() < keep:
+                    _apply(content, operation)
+            (into / Path(path).name).write_bytes(bytes(content))
 
 
 class _File(apsw.VFSFile):
@@ -117,6 +142,7 @@ class _File(apsw.VFSFile):
         with self.disk.lock:
             super().xWrite(data, offset)
             self.disk.note(self.path, (offset, bytes(data)))
+            self.disk._after_write(self.path)
 
     def xTruncate(self, size: int) -> None:
         if self.path is None:

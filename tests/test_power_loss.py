@@ -4,10 +4,12 @@ the session endpoints drive it (key and record batches unsynced, the bitmap read
 commit synced) with the checkpoint thread running, then the power is cut and what the disk
 holds is opened as a restarted daemon would.
 
-What must hold after every cut: the database passes SQLite's integrity and foreign key
-checks; every record in it decompresses to bytes that hash to its key; an answered commit's
-image reads back exactly; a block the bitmap answered as transferred still has its record;
-nothing of an unanswered commit is visible; and the push, run again, completes.
+The cuts come before a commit, after it, and in the middle of the checkpoint that copies the
+log into the database. What must hold after every cut: the database passes SQLite's integrity
+and foreign key checks; every record in it decompresses to bytes that hash to its key; an
+answered commit's image reads back exactly; a block the bitmap answered as transferred still
+has its record; nothing of an unanswered commit is visible; and the push, run again,
+completes.
 """
 
 from __future__ import annotations
@@ -235,3 +237,31 @@ def test_the_disk_loses_exactly_what_was_not_synced(tmp_path: Path, disk: PowerC
             assert restarted.execute("SELECT v FROM t ORDER BY v").fetchall() == expected
         finally:
             restarted.close()
+
+
+@pytest.mark.parametrize(("seed", "keep"), CUTS)
+async def test_cut_while_the_checkpoint_copies_the_log_keeps_answered_images(
+    tmp_path: Path, disk: PowerCutDisk, seed: int, keep: float
+):
+    path = tmp_path / "live" / "replicore.db"
+    path.parent.mkdir()
+    agent = new_database(path)
+    epoch1 = make_image(seed + 20, BLOCKS * BS, BS)
+    # The database file is written only by checkpoints: the cut comes in the middle of the
+    # first one after the push (the checkpoint thread's, once the writer is idle).
+    disk.cut_at_write("replicore.db", 1 + seed * 3, random.Random(seed), tmp_path / "cut", keep)
+    target = Target(path)
+    try:
+        await target.push(agent, epoch1, 1)
+        answered_before_cut = not disk.cut_taken.is_set()
+        await checkpointed(path)
+    finally:
+        target.db.close()
+    assert disk.cut_taken.is_set(), "the checkpoint wrote fewer pages than the cut waited for"
+
+    conn = check_restarted(tmp_path / "cut" / "replicore.db")
+    try:
+        image = exported(conn, agent, 1)
+        assert image == epoch1 if answered_before_cut else image in (None, epoch1)
+    finally:
+        conn.close()
