@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from replicore.app import BulkGate
+from replicore.server import BULK_READ_SIZE, READ_SIZE_KEY, SOCKET_READ_SIZE, ReadSize
 
 RAWDATA = "/apprecovery/api/core/replicationcomms/slave/a/j/s/records/rawdata"
 
@@ -43,3 +44,19 @@ def test_bulk_paths_are_the_record_batches_o3edata_and_upload_chunks():
     assert bulk.search("/p/slave/sessions/0b7c1b6e-5f8a-4a57-9d5e-2f1f4f0e9a11/data/4096")
     assert not bulk.search("/p/slave/a/j/s/records/keys")
     assert not bulk.search("/p/slave/sessions/new")
+
+
+async def test_an_admitted_bulk_body_reads_in_large_pieces_until_it_is_done():
+    read_size = ReadSize()
+    seen: dict[str, int] = {}
+
+    async def app(scope, receive, send):
+        seen[scope["path"]] = read_size.bytes
+
+    gate = BulkGate(app, limit=1)
+    for path in (RAWDATA, "/x/slave/agents"):
+        await gate(
+            {"type": "http", "path": path, "extensions": {READ_SIZE_KEY: read_size}}, None, None
+        )
+    assert seen == {RAWDATA: BULK_READ_SIZE, "/x/slave/agents": SOCKET_READ_SIZE}
+    assert read_size.bytes == SOCKET_READ_SIZE

@@ -9,7 +9,14 @@ import trio
 import trio.testing
 
 from replicore import certs
-from replicore.server import DRAIN_LIMIT, _ScopeWithPeer, drain_decrypted, peer_tls_info
+from replicore.server import (
+    READ_SIZE_KEY,
+    SOCKET_READ_SIZE,
+    ReadSize,
+    _ScopeWithPeer,
+    drain_decrypted,
+    peer_tls_info,
+)
 
 
 def tls_pair(tmp_path) -> tuple[trio.SSLStream, trio.SSLStream]:
@@ -38,7 +45,7 @@ async def test_drain_hands_on_every_record_already_received(tmp_path):
         received = bytearray(first)
         largest = 0
         while len(received) < len(payload):
-            chunk = drain_decrypted(server, await server.receive_some(16384))
+            chunk = drain_decrypted(server, await server.receive_some(16384), SOCKET_READ_SIZE)
             largest = max(largest, len(chunk))
             received += chunk
     assert bytes(received) == payload
@@ -47,13 +54,13 @@ async def test_drain_hands_on_every_record_already_received(tmp_path):
 
 async def test_drain_stops_at_its_limit_and_loses_nothing(tmp_path):
     client, server = tls_pair(tmp_path)
-    payload = b"x" * (DRAIN_LIMIT * 2 + 12345)
+    payload = b"x" * (SOCKET_READ_SIZE * 2 + 12345)
     received = bytearray()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.send_all, payload)
         while len(received) < len(payload):
-            chunk = drain_decrypted(server, await server.receive_some(16384))
-            assert len(chunk) <= DRAIN_LIMIT + 16384
+            chunk = drain_decrypted(server, await server.receive_some(16384), SOCKET_READ_SIZE)
+            assert len(chunk) <= SOCKET_READ_SIZE + 16384
             received += chunk
     assert bytes(received) == payload
 
@@ -63,7 +70,7 @@ async def test_drain_with_nothing_buffered_returns_the_first_chunk(tmp_path):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.send_all, b"hello")
         first = await server.receive_some()
-    assert drain_decrypted(server, first) == b"hello"
+    assert drain_decrypted(server, first, SOCKET_READ_SIZE) == b"hello"
 
 
 async def test_peer_certificate_fingerprint_reaches_the_scope():
@@ -72,9 +79,11 @@ async def test_peer_certificate_fingerprint_reaches_the_scope():
     seen = {}
 
     async def app(scope, receive, send, *args):
-        seen.update(scope["extensions"]["tls"])
+        seen.update(scope["extensions"]["tls"], read_size=scope["extensions"][READ_SIZE_KEY])
 
-    await _ScopeWithPeer(app, peer_tls_info(der))({"type": "http"}, None, None)
+    read_size = ReadSize()
+    await _ScopeWithPeer(app, peer_tls_info(der), read_size)({"type": "http"}, None, None)
+    assert seen["read_size"] is read_size
     assert seen["client_cert_fingerprint"] == certs.fingerprint_der(der)
     assert seen["client_cert_chain"][0].startswith("-----BEGIN CERTIFICATE-----")
     assert peer_tls_info(None)["client_cert_fingerprint"] is None

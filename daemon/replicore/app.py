@@ -23,7 +23,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import console, logs, metrics, request_body
+from . import console, logs, metrics, request_body, server
 from .api import BLUEPRINTS
 from .errors import ApiError
 from .runtime import Runtime
@@ -121,7 +121,8 @@ class BulkGate:
     """ASGI middleware: at most `limit` bulk bodies (record batches, o3edata, upload chunks)
     in the app at once. Quart buffers a request's body as soon as the app is called, with no
     backpressure, so a waiting bulk request is held here, before the app, where Hypercorn's
-    small receive queue and TCP hold its bytes back instead of memory."""
+    small receive queue and TCP hold its bytes back instead of memory. An admitted body's
+    connection reads `server.BULK_READ_SIZE` at a time until it is done."""
 
     BULK_PATH = re.compile(r"/(?:records/rawdata|o3edata)$|/sessions/[^/]+/data/\d+$")
 
@@ -130,11 +131,18 @@ class BulkGate:
         self.slots = trio.Semaphore(limit)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.BULK_PATH.search(scope["path"]):
-            async with self.slots:
-                await self.app(scope, receive, send)
-        else:
+        if scope["type"] != "http" or not self.BULK_PATH.search(scope["path"]):
             await self.app(scope, receive, send)
+            return
+        async with self.slots:
+            read_size = (scope.get("extensions") or {}).get(server.READ_SIZE_KEY)
+            if read_size is not None:
+                read_size.bytes = server.BULK_READ_SIZE
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if read_size is not None:
+                    read_size.bytes = server.SOCKET_READ_SIZE
 
 
 class ObservedApp:

@@ -8,10 +8,12 @@ extension names it) and `client_cert_fingerprint` (SHA-256 hex). `serve()` repla
 Hypercorn internals, hence the pinned version range in pyproject.toml.
 
 Bulk uploads arrive as 16 KiB TLS records, and each record would otherwise travel through
-trio, h11, Hypercorn and Quart on its own. The server reads up to `SOCKET_READ_SIZE` of
+trio, h11, Hypercorn and Quart on its own. The server reads up to `ReadSize.bytes` of
 ciphertext per system call and hands on, per event, all the plaintext that those bytes
-already decrypt to (`drain_decrypted`, up to `DRAIN_LIMIT`): the same bytes in far fewer
-events.
+already decrypt to (`drain_decrypted`, up to as much): the same bytes in far fewer events.
+A connection reads `SOCKET_READ_SIZE` at a time, and `BULK_READ_SIZE` while the bulk gate
+(`app.BulkGate`) lets a bulk body of it into the app: the requests that wait at the gate keep
+small buffers, the few admitted ones cost less CPU per byte.
 """
 
 from __future__ import annotations
@@ -38,10 +40,21 @@ from .certs import fingerprint_der
 log = logging.getLogger("replicore.server")
 
 # 256 KiB: half the server's memory of 1 MiB with 80 connections pushing at once
-# (bench/LOAD.md); 1 MiB saves about 0.3-0.5 s of the server's CPU per GiB received.
+# (bench/LOAD.md). 1 MiB for an admitted bulk body (at most server.max_bulk_requests at once):
+# 0.3-0.4 s less of the server's CPU per GiB received, 85 MiB more at the peak of the
+# 20-source load test.
 SOCKET_READ_SIZE = 256 * 1024
-DRAIN_LIMIT = 256 * 1024
+BULK_READ_SIZE = 1024 * 1024
+#: The scope extension holding the connection's `ReadSize`.
+READ_SIZE_KEY = "replicore.read_size"
 IDLE_POLL = 0.05
+
+
+class ReadSize:
+    """How many bytes one connection reads per system call and hands on per event."""
+
+    def __init__(self) -> None:
+        self.bytes = SOCKET_READ_SIZE
 
 
 class TrustStore:
@@ -76,14 +89,15 @@ class _ScopeWithPeer:
     """Wraps Hypercorn's app wrapper, adding the connection's peer certificate to each scope,
     and counting the connection's requests in progress (`active`)."""
 
-    def __init__(self, app: Any, tls: dict[str, Any]) -> None:
-        self.app, self.tls = app, tls
+    def __init__(self, app: Any, tls: dict[str, Any], read_size: ReadSize) -> None:
+        self.app, self.tls, self.read_size = app, tls, read_size
         self.active = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *args: Any) -> None:
         if scope["type"] in ("http", "websocket"):
             extensions = dict(scope.get("extensions") or {})
             extensions["tls"] = self.tls
+            extensions[READ_SIZE_KEY] = self.read_size
             scope = {**scope, "extensions": extensions}
         self.active += 1
         try:
@@ -102,6 +116,9 @@ def peer_tls_info(der: bytes | None) -> dict[str, Any]:
 
 
 class PeerCertTCPServer(TCPServer):
+    #: The connection's read size (None until its TLS handshake is done).
+    read_size: ReadSize | None = None
+
     async def run(self) -> None:
         stream = self.stream
         if isinstance(stream, trio.SSLStream):
@@ -112,7 +129,8 @@ class PeerCertTCPServer(TCPServer):
                 await stream.aclose()
                 return
             der = stream.getpeercert(binary_form=True)
-            self.app = _ScopeWithPeer(self.app, peer_tls_info(der))
+            self.read_size = getattr(stream.transport_stream, "read_size", None) or ReadSize()
+            self.app = _ScopeWithPeer(self.app, peer_tls_info(der), self.read_size)
         await super().run()  # its own do_handshake() returns at once now
 
     async def _read_data(self) -> None:
@@ -127,8 +145,8 @@ class PeerCertTCPServer(TCPServer):
                         data = await self.stream.receive_some(MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
-                if data and isinstance(self.stream, trio.SSLStream):
-                    data = drain_decrypted(self.stream, data)
+                if data and self.read_size is not None:
+                    data = drain_decrypted(self.stream, data, self.read_size.bytes)
                 await self.protocol.handle(RawData(bytes(data)))
                 if data == b"":
                     break
@@ -142,17 +160,18 @@ class PeerCertTCPServer(TCPServer):
         reading.cancel()
 
 
-def drain_decrypted(stream: trio.SSLStream[Any], first: bytes | bytearray) -> bytes:
-    """`first` plus the plaintext that the ciphertext trio has already read decrypts to,
-    without any I/O. Reaches into trio's private `_ssl_object` (the stdlib SSLObject over
-    memory BIOs); if that is gone in a later trio, it hands on `first` alone."""
+def drain_decrypted(stream: trio.SSLStream[Any], first: bytes | bytearray, limit: int) -> bytes:
+    """`first` plus the plaintext that the ciphertext trio has already read decrypts to, up
+    to `limit` bytes in all, without any I/O. Reaches into trio's private `_ssl_object` (the
+    stdlib SSLObject over memory BIOs); if that is gone in a later trio, it hands on `first`
+    alone."""
     ssl_object = getattr(stream, "_ssl_object", None)
     if ssl_object is None:
         return bytes(first)
     chunks, total = [first], len(first)
-    while total < DRAIN_LIMIT:
+    while total < limit:
         try:
-            more = ssl_object.read(DRAIN_LIMIT - total)
+            more = ssl_object.read(limit - total)
         except ssl.SSLError:  # SSLWantReadError: nothing buffered; others: next read raises
             break
         if not more:
@@ -163,16 +182,18 @@ def drain_decrypted(stream: trio.SSLStream[Any], first: bytes | bytearray) -> by
 
 
 class LargeReadStream(trio.abc.HalfCloseableStream):
-    """A socket stream whose default read takes up to SOCKET_READ_SIZE bytes, so that
-    SSLStream refills its buffer with many TLS records per system call (trio's SocketStream
-    cannot be subclassed, so this wraps it)."""
+    """A socket stream whose default read takes up to `read_size.bytes`, so that SSLStream
+    refills its buffer with many TLS records per system call (trio's SocketStream cannot be
+    subclassed, so this wraps it)."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
         self.socket = inner.socket  # Hypercorn reads the peer address from it
+        self.read_size = ReadSize()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(SOCKET_READ_SIZE if max_bytes is None else max_bytes)
+        size = self.read_size.bytes if max_bytes is None else max_bytes
+        return await self.inner.receive_some(size)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -209,7 +230,7 @@ def hypercorn_config(host: str, port: int, shutdown_timeout: float) -> Hypercorn
     config.keep_alive_timeout = 75
     config.h11_max_incomplete_size = 64 * 1024
     # Body messages waiting for the app, per request: with drained reads each is up to
-    # DRAIN_LIMIT, so this bounds what a request held at the bulk gate keeps in memory.
+    # SOCKET_READ_SIZE, so this bounds what a request held at the bulk gate keeps in memory.
     config.max_app_queue_size = 1
     return config
 
