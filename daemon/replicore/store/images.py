@@ -371,5 +371,22 @@ def insert_blocks(conn: apsw.Connection, image_id: int, blocks: Iterable[tuple[i
     return len(batch)
 
 
+def insert_changed_blocks(
+    conn: apsw.Connection,
+    image_id: int,
+    parent_chain: list[dict[str, Any]],
+    repository_id: int,
+    start: int,
+    stop: int,
+    blocks: list[tuple[int, bytes]],
+) -> int:
+    """Add those of `blocks` ((index, key) pairs in [start, stop)) whose key differs from the
+    one `parent_chain` resolves there (all of them when there is no parent); how many."""
+    if parent_chain:
+        resolved = resolve(conn, parent_chain, start, stop)
+        blocks = [(i, key) for i, key in blocks if resolved.get(i) != (key, repository_id)]
+    return insert_blocks(conn, image_id, blocks)
+
+
 def set_stored_block_count(conn: apsw.Connection, image_id: int, count: int) -> None:
     conn.execute("UPDATE volume_images SET stored_block_count = ? WHERE id = ?", (count, image_id))

@@ -335,11 +335,9 @@ def _add_image(
     start = 0
     for keys in drive.block_map(wanted, sessions.COMMIT_STEP):
         stop = start + len(keys)
-        blocks = list(enumerate(keys, start))
-        if parent_chain:
-            resolved = images.resolve(conn, parent_chain, start, stop)
-            blocks = [(i, k) for i, k in blocks if resolved.get(i) != (k, repository_id)]
-        stored += images.insert_blocks(conn, image_id, blocks)
+        stored += images.insert_changed_blocks(
+            conn, image_id, parent_chain, repository_id, start, stop, list(enumerate(keys, start))
+        )
         start = stop
     images.set_stored_block_count(conn, image_id, stored)
     images.settle_recovery_point(conn, point_pk, now)

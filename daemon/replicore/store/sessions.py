@@ -644,11 +644,8 @@ def _add_image(
         if start < inherit_limit:
             announced_below += bisect.bisect_left(blocks, inherit_limit, key=itemgetter(0))
         if parent_chain:
-            resolved = images.resolve(conn, parent_chain, start, stop)
-            stored += images.insert_blocks(
-                conn,
-                image_id,
-                [(i, key) for i, key in blocks if resolved.get(i) != (key, repository_id)],
+            stored += images.insert_changed_blocks(
+                conn, image_id, parent_chain, repository_id, start, stop, blocks
             )
     without_record = conn.execute(
         "SELECT count(*) FROM session_blocks b WHERE b.session_pk = ? AND NOT EXISTS"
