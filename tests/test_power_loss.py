@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ class Target:
 
     def __init__(self, path: Path) -> None:
         self.db = Database(path, readers=1)
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
 
     async def open(self, agent: dict[str, Any], epoch: int, previous: int | None) -> int:
         wanted = request(epoch, BLOCKS * BS, previous)
@@ -101,11 +108,14 @@ async def checkpointed(path: Path) -> None:
             await trio.sleep(0.02)
 
 
-def new_database(path: Path) -> dict[str, Any]:
+def new_database(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """The daemon's database under `tmp_path/live`, with one agent: its path and the agent."""
+    path = tmp_path / "live" / "replicore.db"
+    path.parent.mkdir()
     conn = db.connect(path, create=True)
     try:
         migrations.apply(conn, path)
-        return add_agent(conn)
+        return path, add_agent(conn)
     finally:
         conn.close()
 
@@ -134,31 +144,22 @@ def present(conn: Any, key: bytes) -> bool:
 
 async def resume_and_check(restarted: Path, agent: dict[str, Any], image: bytes, epoch: int):
     """The same push again on the restarted database completes and reads back exactly."""
-    target = Target(restarted)
-    try:
+    with Target(restarted) as target:
         await target.push(agent, image, epoch)
-    finally:
-        target.db.close()
-    conn = check_restarted(restarted)
-    try:
+    with closing(check_restarted(restarted)) as conn:
         assert exported(conn, agent, epoch) == image
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize(("seed", "keep"), CUTS)
 async def test_cut_before_the_commit_loses_no_answered_data_and_the_push_resumes(
     tmp_path: Path, disk: PowerCutDisk, seed: int, keep: float
 ):
-    path = tmp_path / "live" / "replicore.db"
-    path.parent.mkdir()
-    agent = new_database(path)
+    path, agent = new_database(tmp_path)
     epoch1 = make_image(seed, BLOCKS * BS, BS)
     epoch2 = mutate(epoch1, BS, range(seed, BLOCKS, 7), seed)
     blocks = split(epoch2, BS)
     entries = key_entries(blocks)
-    target = Target(path)
-    try:
+    with Target(path) as target:
         await target.push(agent, epoch1, 1)
         await checkpointed(path)
         session_pk = await target.open(agent, 2, 1)
@@ -169,19 +170,14 @@ async def test_cut_before_the_commit_loses_no_answered_data_and_the_push_resumes
         await target.records(session_pk, blocks, missing[half:])
         assert disk.unsynced_operations() > 0  # the cut has something to lose
         disk.cut(random.Random(seed), tmp_path / "restarted", keep)
-    finally:
-        target.db.close()
 
     restarted = tmp_path / "restarted" / "replicore.db"
-    conn = check_restarted(restarted)
-    try:
+    with closing(check_restarted(restarted)) as conn:
         assert exported(conn, agent, 1) == epoch1  # answered before the cut
         assert exported(conn, agent, 2) is None  # its commit was never asked
         marked = [i for i in range(BLOCKS) if bitmap[i // 8] >> (i % 8) & 1]
         assert set(missing[:half]) <= set(marked)
         assert all(present(conn, entries[i].key) for i in marked)
-    finally:
-        conn.close()
     await resume_and_check(restarted, agent, epoch2, 2)
 
 
@@ -189,13 +185,10 @@ async def test_cut_before_the_commit_loses_no_answered_data_and_the_push_resumes
 async def test_cut_after_an_answered_commit_keeps_the_image(
     tmp_path: Path, disk: PowerCutDisk, seed: int, keep: float
 ):
-    path = tmp_path / "live" / "replicore.db"
-    path.parent.mkdir()
-    agent = new_database(path)
+    path, agent = new_database(tmp_path)
     epoch1 = make_image(seed + 10, BLOCKS * BS, BS)
     epoch2 = mutate(epoch1, BS, range(seed, BLOCKS, 5), seed)
-    target = Target(path)
-    try:
+    with Target(path) as target:
         await target.push(agent, epoch1, 1)
         await target.push(agent, epoch2, 2)
         # Records of a third epoch go on after the answer; the cut may take some of them.
@@ -204,16 +197,11 @@ async def test_cut_after_an_answered_commit_keeps_the_image(
         missing = await target.keys(session_pk, key_entries(blocks))
         await target.records(session_pk, blocks, missing)
         disk.cut(random.Random(seed), tmp_path / "restarted", keep)
-    finally:
-        target.db.close()
 
-    conn = check_restarted(tmp_path / "restarted" / "replicore.db")
-    try:
+    with closing(check_restarted(tmp_path / "restarted" / "replicore.db")) as conn:
         assert exported(conn, agent, 1) == epoch1
         assert exported(conn, agent, 2) == epoch2
         assert exported(conn, agent, 3) is None
-    finally:
-        conn.close()
 
 
 def test_the_disk_loses_exactly_what_was_not_synced(tmp_path: Path, disk: PowerCutDisk):
@@ -232,36 +220,25 @@ def test_the_disk_loses_exactly_what_was_not_synced(tmp_path: Path, disk: PowerC
     finally:
         conn.close()
     for name, expected in (("none", [(1,)]), ("all", [(1,), (2,)])):
-        restarted = db.connect(tmp_path / name / "x.db")
-        try:
+        with closing(db.connect(tmp_path / name / "x.db")) as restarted:
             assert restarted.execute("SELECT v FROM t ORDER BY v").fetchall() == expected
-        finally:
-            restarted.close()
 
 
 @pytest.mark.parametrize(("seed", "keep"), CUTS)
 async def test_cut_while_the_checkpoint_copies_the_log_keeps_answered_images(
     tmp_path: Path, disk: PowerCutDisk, seed: int, keep: float
 ):
-    path = tmp_path / "live" / "replicore.db"
-    path.parent.mkdir()
-    agent = new_database(path)
+    path, agent = new_database(tmp_path)
     epoch1 = make_image(seed + 20, BLOCKS * BS, BS)
     # The database file is written only by checkpoints: the cut comes in the middle of the
     # first one after the push (the checkpoint thread's, once the writer is idle).
     disk.cut_at_write("replicore.db", 1 + seed * 3, random.Random(seed), tmp_path / "cut", keep)
-    target = Target(path)
-    try:
+    with Target(path) as target:
         await target.push(agent, epoch1, 1)
         answered_before_cut = not disk.cut_taken.is_set()
         await checkpointed(path)
-    finally:
-        target.db.close()
     assert disk.cut_taken.is_set(), "the checkpoint wrote fewer pages than the cut waited for"
 
-    conn = check_restarted(tmp_path / "cut" / "replicore.db")
-    try:
+    with closing(check_restarted(tmp_path / "cut" / "replicore.db")) as conn:
         image = exported(conn, agent, 1)
         assert image == epoch1 if answered_before_cut else image in (None, epoch1)
-    finally:
-        conn.close()
