@@ -38,6 +38,13 @@ UNLIMITED_PAGES = 4294967294
 #: may abort it), about ten pages; with SQLite's default of 64 KiB each went to a temp file,
 #: as many system calls as storing the records themselves.
 STATEMENT_JOURNAL_IN_MEMORY = 16 * 1024 * 1024
+#: The writer connection's page cache. A transaction whose dirty pages overflow the cache
+#: spills them into the log early; a page spilled and then changed again (the records
+#: table's last leaf, an index leaf, the repository's usage row) is rewritten in place, and
+#: the commit then reads back every frame after it to redo the log's checksums. With
+#: SQLite's default 2 MiB, each 8 MiB record batch did that: a 1 GiB first push read 375 MiB
+#: of frames back and wrote 190 MiB more of them. This holds a batch with room to spare.
+WRITER_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def _configure_sqlite() -> None:
@@ -144,6 +151,7 @@ class Database:
 
         self.path = path
         self._writer = connect(path, max_bytes=max_bytes)
+        self._writer.execute(f"PRAGMA cache_size={-WRITER_CACHE_BYTES // 1024}")
         self._write_lock = trio.Lock()
         # Held by the writer's thread around each transaction, and by the checkpoint thread
         # while it restarts the log (SQLite's busy waits would rarely catch the gap between
