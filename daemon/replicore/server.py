@@ -35,6 +35,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
+from . import body_buffer
 from .certs import fingerprint_der
 
 log = logging.getLogger("replicore.server")
@@ -47,6 +48,8 @@ SOCKET_READ_SIZE = 256 * 1024
 BULK_READ_SIZE = 1024 * 1024
 #: The scope extension holding the connection's `ReadSize`.
 READ_SIZE_KEY = "replicore.read_size"
+#: The most plaintext one TLS record carries: what one read of the SSL object can return.
+TLS_RECORD_BYTES = 16 * 1024
 IDLE_POLL = 0.05
 
 
@@ -136,7 +139,9 @@ class PeerCertTCPServer(TCPServer):
     async def _read_data(self) -> None:
         """Hypercorn's read loop, handing on all plaintext already decryptable per event, and
         ending once the server stops and the connection has no request in progress (a
-        keep-alive connection would otherwise hold shutdown for its whole grace time)."""
+        keep-alive connection would otherwise hold shutdown for its whole grace time). Its
+        HTTP/1.1 parser hands request bodies on uncopied (`body_buffer`)."""
+        body_buffer.install(getattr(getattr(self.protocol, "protocol", None), "connection", None))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._end_when_stopping_and_idle, nursery.cancel_scope)
             while True:
@@ -171,7 +176,8 @@ def drain_decrypted(stream: trio.SSLStream[Any], first: bytes | bytearray, limit
     chunks, total = [first], len(first)
     while total < limit:
         try:
-            more = ssl_object.read(limit - total)
+            # Asking for more than a record would allocate that much for each record read.
+            more = ssl_object.read(min(limit - total, TLS_RECORD_BYTES))
         except ssl.SSLError:  # SSLWantReadError: nothing buffered; others: next read raises
             break
         if not more:
