@@ -22,8 +22,8 @@ import pytest
 
 from replicore.app import create_app
 from replicore.cli import main as cli_main
-from replicore.cli.serve import prepare_state
 from replicore.config import parse
+from replicore.daemon import prepare_state
 from replicore.runtime import Runtime
 from replicore.server import TrustStore
 from replicore.source import connection, identity

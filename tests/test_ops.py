@@ -32,7 +32,7 @@ from ops_helpers import (
 )
 from pairing_helpers import pair_by_demand, request_pairing
 from replicore import __version__, certs, control
-from replicore.cli import serve as serve_cli
+from replicore import daemon as daemon_module
 from replicore.config import parse as parse_config
 from replicore.store import migrations
 
@@ -260,13 +260,13 @@ def test_backup_db_while_the_daemon_writes_is_consistent(make_server, tmp_path):
 
 def test_serve_copies_the_database_before_a_migration_changes_it(tmp_path, monkeypatch):
     config = parse_config({"server": {"state_dir": str(tmp_path / "state")}})
-    serve_cli.prepare_state(config)
+    daemon_module.prepare_state(config)
     assert not (tmp_path / "state" / "backups").exists()  # a new database needs no copy
     old = migrations.LATEST
     step = (old + 1, "test: one more table", ["CREATE TABLE ops_test_step (x INTEGER) STRICT;"])
     monkeypatch.setattr(migrations, "STEPS", [*migrations.STEPS, step])
     monkeypatch.setattr(migrations, "LATEST", old + 1)
-    serve_cli.prepare_state(config)
+    daemon_module.prepare_state(config)
     (copy,) = (tmp_path / "state" / "backups").iterdir()
     assert copy.name.startswith(f"replicore-schema{old}-")
     conn = apsw.Connection(str(copy), flags=apsw.SQLITE_OPEN_READONLY)
@@ -276,7 +276,7 @@ def test_serve_copies_the_database_before_a_migration_changes_it(tmp_path, monke
         assert "ops_test_step" not in tables and "repositories" in tables
     finally:
         conn.close()
-    serve_cli.prepare_state(config)  # up to date: no second copy
+    daemon_module.prepare_state(config)  # up to date: no second copy
     assert len(list((tmp_path / "state" / "backups").iterdir())) == 1
 
 

@@ -206,7 +206,7 @@ def test_options_documented_as_restart_only_are_kept_by_a_reload():
     import re
     from pathlib import Path
 
-    from replicore.cli.serve import RESTART_ONLY
+    from replicore.daemon import RESTART_ONLY
 
     text = (Path(__file__).parent.parent / "config" / "replicore.toml").read_text()
     marked = set()

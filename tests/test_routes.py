@@ -13,8 +13,8 @@ import pytest
 
 from replicore import auth
 from replicore.app import create_app
-from replicore.cli.serve import prepare_state
 from replicore.config import parse
+from replicore.daemon import prepare_state
 from replicore.runtime import Runtime
 from replicore.server import TrustStore
 from replicore.store.db import Database

@@ -27,8 +27,8 @@ from datapath_helpers import frame, key_entries
 from replicore import protocol
 from replicore.api import sessions
 from replicore.app import create_app
-from replicore.cli.serve import prepare_state
 from replicore.config import parse
+from replicore.daemon import prepare_state
 from replicore.runtime import Runtime
 from replicore.server import TrustStore, hypercorn_config
 from replicore.store.db import Database
