@@ -99,6 +99,11 @@ def test_storage_report_is_stored_with_its_time(server, paired):
             "agents[0].totalBytesProtected",
         ),
         (
+            {"agents": [{"id": "web01", "totalBytesProtected": 2**63}]},  # over SQLite's INTEGER
+            422,
+            "agents[0].totalBytesProtected",
+        ),
+        (
             {
                 "agents": [
                     {"id": "web01", "totalBytesProtected": 1, "newestRpTimestamp": "yesterday"}

@@ -307,6 +307,7 @@ def test_transferred_blocks_bitmaps(web01):
     assert web01.image_bitmap("vol", 1).content == response.content
     assert web01.image_bitmap("vol", 2).status_code == 404
     assert web01.image_bitmap("vol", "x").status_code == 422
+    assert web01.image_bitmap("vol", "\u00b2").status_code == 422  # isdigit(), not int()
 
 
 def test_bad_session_requests_are_refused_naming_the_field(server, web01):

@@ -181,6 +181,13 @@ def test_data_beyond_the_bitmap_is_refused(server, web01, tmp_path):
     )
     assert streamed.status_code == 422, streamed.text
     assert "beyond the bitmap" in streamed.json()["message"]
+    superscript = web01.client.post(  # a digit to str.isdigit() but not to int()
+        f"directreplication/slave/{web01.path(session)}/o3edata",
+        content=blocks[1],
+        headers={"X-O3E-Block-Index": "\u00b2".encode("latin-1")},
+    )
+    assert superscript.status_code == 422, superscript.text
+    assert superscript.json()["field"] == "X-O3E-Block-Index"
     assert query(server, "SELECT count(*) FROM volume_images") == [(0,)]
     assert web01.data(session, 2, blocks[2]).status_code == 409
     done = web01.data(session, 1, blocks[1] + blocks[2])

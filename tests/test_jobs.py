@@ -417,6 +417,13 @@ def test_unpaired_callers_are_refused(server, paired, make_source):
         ),
         (
             "slave/agents/replicationJob/start",
+            # A digit to str.isdigit() but not to int().
+            {"id": "j", "agents": [{"id": "web01", "volumeImagesToTransfer": ["v:\u00b2"]}]},
+            422,
+            "agents[0].volumeImagesToTransfer[0]",
+        ),
+        (
+            "slave/agents/replicationJob/start",
             {"id": "j", "agents": [{"id": "web01"}], "numberParallelPipelines": 0},
             422,
             "numberParallelPipelines",
@@ -430,6 +437,12 @@ def test_unpaired_callers_are_refused(server, paired, make_source):
         ("slave/agents/replicationJob/sync", {"id": "live", "progress": "half"}, 422, "progress"),
         ("slave/agents/replicationJob/sync", {"id": "live", "progress": 101}, 422, "progress"),
         ("slave/agents/replicationJob/sync", {"id": "live", "state": "paused"}, 422, "state"),
+        (
+            "slave/agents/replicationJob/sync",
+            {"id": "live", "bytesTotal": 2**63},  # over SQLite's INTEGER
+            422,
+            "bytesTotal",
+        ),
         (
             "slave/agents/replicationJob/sync",
             {"id": "live", "progress": 5, "transfers": [{"agentId": "web01"}]},
@@ -446,6 +459,12 @@ def test_unpaired_callers_are_refused(server, paired, make_source):
         (
             "slave/agents/web01/metadataUpdate",
             {**META_V1, "volumes": [{"id": "v", "size": -1}]},
+            422,
+            "volumes[0].size",
+        ),
+        (
+            "slave/agents/web01/metadataUpdate",
+            {**META_V1, "volumes": [{"id": "v", "size": 2**63}]},  # found by tests/test_fuzz_api
             422,
             "volumes[0].size",
         ),

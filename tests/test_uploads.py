@@ -120,11 +120,23 @@ def test_chunk_length_must_equal_data_size(server, paired):
             content=DLL + b"!",
             headers={"X-Upload-Offset": "0"},
         )
+        superscript = client.post(  # a digit to str.isdigit() but not to int()
+            f"slave/sessions/{session_id}/data/\u00b2",
+            content=DLL[:2],
+            headers={"X-Upload-Offset": "0"},
+        )
+        latin_offset = client.post(
+            f"slave/sessions/{session_id}/data/99",
+            content=DLL[:99],
+            headers={"X-Upload-Offset": "\u00b2".encode("latin-1")},
+        )
         no_offset = client.post(f"slave/sessions/{session_id}/data/99", content=DLL[:99])
         incomplete = end(client, session_id)
     assert short.status_code == 422 and short.json()["field"] == "dataSize"
     assert words.status_code == 422 and words.json()["field"] == "dataSize"
     assert past_end.status_code == 422 and past_end.json()["field"] == "dataSize"
+    assert superscript.status_code == 422 and superscript.json()["field"] == "dataSize"
+    assert latin_offset.status_code == 400 and "X-Upload-Offset" in latin_offset.json()["message"]
     assert no_offset.status_code == 400 and "X-Upload-Offset" in no_offset.json()["message"]
     assert incomplete.status_code == 422 and incomplete.json()["received"] == 0
     assert db_snapshot(server) == before
@@ -231,6 +243,7 @@ def test_another_sources_sessions_are_not_found(server, paired, make_source, adm
         (b"{oops", 400, None),
         (session_body(size="big"), 422, "size"),
         (session_body(size=-1), 422, "size"),
+        (session_body(size=2**63), 422, "size"),  # over SQLite's INTEGER
         (session_body(md5="xyz"), 422, "md5"),
         (session_body(purpose="music"), 422, "purpose"),
         (session_body(fileName="../ese.dll"), 422, "fileName"),

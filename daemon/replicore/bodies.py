@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 from quart import request
 
 from .errors import BadRequest, PayloadTooLarge, Unprocessable
+from .store.db import MAX_STORED_INT
 
 T = TypeVar("T")
+
+#: A count or a size in bytes that a request reports and the store keeps.
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
 
 _AT_PATH = re.compile(r" - at `\$(.*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")

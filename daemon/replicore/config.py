@@ -286,7 +286,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     except ValueError:
         if host != "localhost":
             raise ValueError(f"{host!r} is not an IP address") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not 0..65535")
     return host, int(port_text)
 

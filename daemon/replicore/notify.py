@@ -110,11 +110,11 @@ def _address(value: str) -> str | bytes | None:
 
 def _watchdog_usec(env: Mapping[str, str], frozen: bool) -> int | None:
     text = env.get("WATCHDOG_USEC", "")
-    if not text.isdigit() or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
         return None
     pid_text = env.get("WATCHDOG_PID", "")
     if pid_text:
-        if not pid_text.isdigit():
+        if not (pid_text.isascii() and pid_text.isdigit()):
             return None
         accepted = {os.getpid(), *([os.getppid()] if frozen else [])}
         if int(pid_text) not in accepted:

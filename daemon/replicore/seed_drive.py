@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from . import protocol
+from .store.db import MAX_STORED_INT
 
 FORMAT_NAME = "replicore-seed-drive"
 FORMAT_VERSION = 1
@@ -101,11 +102,11 @@ class ManifestImage(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     epoch_number: _EPOCH
     previous_epoch_number: _EPOCH | None
     block_size: int
-    size: Annotated[int, msgspec.Meta(gt=0)]
-    block_count: Annotated[int, msgspec.Meta(gt=0)]
+    size: Annotated[int, msgspec.Meta(gt=0, le=MAX_STORED_INT)]
+    block_count: Annotated[int, msgspec.Meta(gt=0, le=MAX_STORED_INT)]
     recovery_point_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     recovery_point_timestamp: str
-    volume_count: Annotated[int, msgspec.Meta(ge=1)]
+    volume_count: Annotated[int, msgspec.Meta(ge=1, le=MAX_STORED_INT)]
     block_map_digest: Annotated[str, msgspec.Meta(pattern=_HEX64)]
 
     @property
@@ -122,9 +123,9 @@ class Manifest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     target_core_id: str | None
     agents: list[str]
     images: list[ManifestImage]
-    record_count: Annotated[int, msgspec.Meta(ge=0)]
-    records_raw_bytes: Annotated[int, msgspec.Meta(ge=0)]
-    records_stored_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    record_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
+    records_raw_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
+    records_stored_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
     records_digest: Annotated[str, msgspec.Meta(pattern=_HEX64)]
     key_algorithm: str
     signature_algorithm: str

@@ -236,7 +236,8 @@ def _block_index_header(block_count: int) -> int:
             f"the {BLOCK_INDEX_HEADER} header (index of the first block sent) is required",
             field=BLOCK_INDEX_HEADER,
         )
-    if not text.strip().isdigit() or int(text) >= block_count:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) >= block_count:
         raise Unprocessable(
             f"{BLOCK_INDEX_HEADER} must be a block index 0..{block_count - 1}",
             field=BLOCK_INDEX_HEADER,

@@ -16,7 +16,7 @@ import msgspec
 from quart import Blueprint, g
 
 from .. import auth, background, runtime
-from ..bodies import Struct, decode_json, json_body, raw_body
+from ..bodies import Count, Struct, decode_json, json_body, raw_body
 from ..errors import Unprocessable
 from ..runtime import Runtime
 from ..store import jobs
@@ -30,7 +30,7 @@ TIME_KEYS = frozenset({"startedAt", "lastSyncAt", "finishedAt", "updatedAt", "up
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Phase = Annotated[str, msgspec.Meta(max_length=64)]
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
-Bytes = Annotated[int, msgspec.Meta(ge=0)]
+Bytes = Count
 Pipelines = Annotated[int, msgspec.Meta(ge=1, le=256)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)]
 JobState = Literal["running", "succeeded", "failed", "cancelled"]

@@ -17,7 +17,7 @@ import msgspec
 from quart import Blueprint, g
 
 from .. import auth, runtime
-from ..bodies import Struct, json_body
+from ..bodies import Count, Struct, json_body
 from ..errors import Unprocessable
 from ..store import jobs
 from .jobs import job_view, with_iso_times
@@ -36,7 +36,7 @@ class OperatingSystem(Struct):
 
 class Volume(Struct):
     id: Id
-    size: Annotated[int, msgspec.Meta(ge=0)]
+    size: Count
     label: Name = ""
     file_system: Annotated[str, msgspec.Meta(max_length=32)] = ""
 

@@ -587,7 +587,7 @@ async def image_transferred_blocks(
     agent_id: str, volume_driver_id: str, epoch_number: str
 ) -> Response:
     """Paired source: the same bitmap by image (all ones once committed)."""
-    if not epoch_number.isdigit() or int(epoch_number) > MAX_EPOCH:
+    if not (epoch_number.isascii() and epoch_number.isdigit()) or int(epoch_number) > MAX_EPOCH:
         raise Unprocessable("epochNumber must be an integer 0..4294967295", field="epochNumber")
     bits, count = await runtime.current().db.read_durable(
         _image_bitmap, g.core["id"], agent_id, volume_driver_id, int(epoch_number)

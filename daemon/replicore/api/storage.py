@@ -15,7 +15,7 @@ import msgspec
 from quart import Blueprint, g
 
 from .. import auth, runtime
-from ..bodies import Struct, json_body
+from ..bodies import Count, Struct, json_body
 from ..errors import TooManyRequests, Unprocessable
 from ..store import billing
 
@@ -26,7 +26,6 @@ REPORTS_PER_HOUR = 120
 
 Text = Annotated[str, msgspec.Meta(max_length=256)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ReportedAgent(Struct):

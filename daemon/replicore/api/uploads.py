@@ -23,7 +23,7 @@ import trio
 from quart import Blueprint, g, request
 
 from .. import auth, background, runtime
-from ..bodies import Struct, json_body, raw_body
+from ..bodies import Count, Struct, json_body, raw_body
 from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..runtime import Runtime
 from ..store import exchange, uploads
@@ -38,7 +38,7 @@ OFFSET_HEADER = "X-Upload-Offset"
 
 class NewSessionBody(Struct):
     file_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-    size: Annotated[int, msgspec.Meta(ge=0)]
+    size: Count
     md5: str
     purpose: str
 
@@ -101,7 +101,8 @@ def _offset_header() -> int:
     value = request.headers.get(OFFSET_HEADER)
     if value is None:
         raise BadRequest(f"header {OFFSET_HEADER} (bytes received so far) is required")
-    if not value.strip().isdigit():
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(f"header {OFFSET_HEADER} must be a non-negative integer")
     return int(value)
 
@@ -113,7 +114,7 @@ async def upload_data(upload_session_id: uuid.UUID, data_size: str) -> dict[str,
     X-Upload-Offset must equal the bytes received so far (409 with expectedOffset)."""
     rt = runtime.current()
     session_id, core_pk = str(upload_session_id), g.core["id"]
-    if not data_size.isdigit() or int(data_size) < 1:
+    if not (data_size.isascii() and data_size.isdigit()) or int(data_size) < 1:
         raise Unprocessable("dataSize must be a positive integer", field="dataSize")
     size = int(data_size)
     limit = rt.config.server.max_request_bytes

@@ -43,7 +43,7 @@ def parse_moment(text: str) -> datetime:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) > retention.MAX_COUNT:
+    if not (text.isascii() and text.isdigit()) or int(text) > retention.MAX_COUNT:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count 0..{retention.MAX_COUNT}")
     return int(text)
 

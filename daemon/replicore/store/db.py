@@ -31,6 +31,8 @@ BUSY_TIMEOUT_MS = 15_000
 PAGE_SIZE = 16384
 #: Values per `IN (...)` list: well under SQLite's variable limit, big enough to be fast.
 IN_CHUNK = 1000
+#: SQLite's largest INTEGER (a signed 64-bit value): a larger number cannot be stored.
+MAX_STORED_INT = 2**63 - 1
 #: SQLite's own largest max_page_count: no cap.
 UNLIMITED_PAGES = 4294967294
 #: A statement journal (the undo log of one statement inside a transaction) stays in memory

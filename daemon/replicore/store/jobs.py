@@ -88,7 +88,8 @@ def check_job_id(job_id: str, field: str = "id") -> str:
 def parse_volume_image(token: str, field: str) -> tuple[str, int]:
     """'<driverVolumeId>:<epochNumber>' -> (driverVolumeId, epoch); 422 naming `field`."""
     volume, sep, epoch_text = token.rpartition(":")
-    if not sep or not _VOLUME_ID.match(volume) or not epoch_text.isdigit():
+    digits = epoch_text.isascii() and epoch_text.isdigit()
+    if not sep or not _VOLUME_ID.match(volume) or not digits:
         raise Unprocessable(
             f"{token!r} is not '<driverVolumeId>:<epochNumber>'"
             " (volume id without ':', '/', spaces; epoch a number)",
