@@ -27,7 +27,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -43,6 +43,8 @@ from .store import cores, meta, migrations
 from .store.db import Database, connect
 
 log = logging.getLogger("replicore")
+
+E = TypeVar("E", bound=BaseException)
 
 #: Seconds beyond shutdown_timeout for closing listeners, lifespan and the database.
 SHUTDOWN_MARGIN = 5.0
@@ -89,7 +91,7 @@ def run(config: Config) -> int:
     try:
         trio.run(serve_daemon, config, core_id, cert_path, key_path, notifier)
     except BaseException as error:
-        startup = _startup_error(error)
+        startup = _found_in(error, StartupError)
         if startup is None:
             raise
         log.critical("cannot start: %s", startup)
@@ -310,7 +312,7 @@ async def serve_daemon(
                     server_done,
                 )
             except BaseException as error:
-                if (found := _os_error(error)) is None:
+                if (found := _found_in(error, OSError)) is None:
                     raise
                 raise StartupError(f"server.listen {config.server.listen}: {found}") from None
             daemon.api_urls = [_url("https", h, p) for h, p in bound]
@@ -351,7 +353,7 @@ async def _start_metrics(
     try:
         binds: list[str] = await nursery.start(metrics.serve, host, port, read, stop.wait)
     except BaseException as error:
-        if (found := _os_error(error)) is None:
+        if (found := _found_in(error, OSError)) is None:
             raise
         # Monitoring is not worth stopping replication for: serve on, say so loudly.
         log.error(
@@ -361,23 +363,14 @@ async def _start_metrics(
     return binds
 
 
-def _startup_error(error: BaseException) -> StartupError | None:
-    if isinstance(error, StartupError):
+def _found_in(error: BaseException, kind: type[E]) -> E | None:
+    """`error` if it is a `kind`, else the first `kind` inside the exception groups trio
+    wrapped it in."""
+    if isinstance(error, kind):
         return error
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
-            if (found := _startup_error(inner)) is not None:
-                return found
-    return None
-
-
-def _os_error(error: BaseException) -> OSError | None:
-    """The OSError behind a failed start, also when trio wrapped it in exception groups."""
-    if isinstance(error, OSError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            if (found := _os_error(inner)) is not None:
+            if (found := _found_in(inner, kind)) is not None:
                 return found
     return None
 
