@@ -105,32 +105,19 @@ def test_chunk_length_must_equal_data_size(server, paired):
     with server.client(paired) as client:
         session_id = new_session(client, DLL)
         before = db_snapshot(server)
-        short = client.post(
-            f"slave/sessions/{session_id}/data/100",
-            content=DLL[:99],
-            headers={"X-Upload-Offset": "0"},
-        )
-        words = client.post(
-            f"slave/sessions/{session_id}/data/lots",
-            content=DLL[:99],
-            headers={"X-Upload-Offset": "0"},
-        )
-        past_end = client.post(
-            f"slave/sessions/{session_id}/data/{len(DLL) + 1}",
-            content=DLL + b"!",
-            headers={"X-Upload-Offset": "0"},
-        )
-        superscript = client.post(  # a digit to str.isdigit() but not to int()
-            f"slave/sessions/{session_id}/data/\u00b2",
-            content=DLL[:2],
-            headers={"X-Upload-Offset": "0"},
-        )
-        latin_offset = client.post(
-            f"slave/sessions/{session_id}/data/99",
-            content=DLL[:99],
-            headers={"X-Upload-Offset": "\u00b2".encode("latin-1")},
-        )
-        no_offset = client.post(f"slave/sessions/{session_id}/data/99", content=DLL[:99])
+
+        def chunk(size: object, content: bytes, offset: str | bytes | None = "0") -> Any:
+            headers = {} if offset is None else {"X-Upload-Offset": offset}
+            return client.post(
+                f"slave/sessions/{session_id}/data/{size}", content=content, headers=headers
+            )
+
+        short = chunk(100, DLL[:99])
+        words = chunk("lots", DLL[:99])
+        past_end = chunk(len(DLL) + 1, DLL + b"!")
+        superscript = chunk("\u00b2", DLL[:2])  # a digit to str.isdigit() but not to int()
+        latin_offset = chunk(99, DLL[:99], offset="\u00b2".encode("latin-1"))
+        no_offset = chunk(99, DLL[:99], offset=None)
         incomplete = end(client, session_id)
     assert short.status_code == 422 and short.json()["field"] == "dataSize"
     assert words.status_code == 422 and words.json()["field"] == "dataSize"
